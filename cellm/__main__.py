@@ -1,0 +1,5 @@
+import sys
+
+from cellm.cli import main
+
+sys.exit(main())
