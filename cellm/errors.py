@@ -82,3 +82,11 @@ class VersionExistsError(RegistryError, FileExistsError):
 
 class UnsafePublishError(RegistryError, PermissionError):
     """Publishing without a passing gate verdict (and without an explicit, recorded force)."""
+
+
+class InvalidNameError(RegistryError, ValueError):
+    """An artifact name, version, channel or reference breaks the allowed pattern (or has `/`, `..`)."""
+
+
+class ManifestError(RegistryError, ValueError):
+    """A registry manifest is missing, not JSON, or lacks / mistypes required keys."""
