@@ -1,0 +1,249 @@
+"""Convert a source checkpoint into a ``.cellm`` file with a profile (streaming, atomic, deterministic).
+
+Tensors are processed in name order, big tensors in row chunks, by a small thread pool (numpy
+releases the GIL); results are consumed in order and streamed through :class:`CellmWriter`, so peak
+memory is a few chunks plus the small companion (scale/zero-point) arrays. Every output — the
+``.cellm`` and its sidecars ``<stem>.tokenizer.json`` / ``<stem>.NOTICE`` — is written to a temp file
+``.<name>.tmp-<pid>`` in the target directory, fsynced and renamed into place; on any error the temp
+files are removed and no ``.cellm`` appears.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from cellm import __version__
+from cellm.errors import CellmError, QuantizationError
+from cellm.format.constants import DTYPES
+from cellm.profile import Plan, Profile, load_profile
+
+CHUNK_BYTES = 8 << 20  # f32 bytes of source rows per work item
+Progress = Callable[[str, int, int], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertResult:
+    path: Path
+    sha256: str
+    nbytes: int
+    bytes_per_scheme: dict
+    profile: str
+    profile_hash: str
+    source: dict  # provenance recorded in the header (cellm_source)
+    tokenizer: Path | None
+    notice: Path | None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("path", "tokenizer", "notice"):
+            d[k] = None if d[k] is None else str(d[k])
+        return d
+
+
+def temp_path(final: Path) -> Path:
+    """The temp name used while writing ``final`` (same directory, recognisable by the pipeline)."""
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+def atomic_write_bytes(final: Path, data: bytes) -> None:
+    tmp = temp_path(final)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def default_output_name(source_name: str, profile_name: str) -> str:
+    return f"{source_name}-{profile_name}.cellm"
+
+
+def _read_blob(value: Any) -> bytes | None:
+    """A sidecar's bytes from a path, text, bytes or JSON-able object (None when absent)."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, Path) or (isinstance(value, str) and len(value) < 4096 and os.path.isfile(value)):
+        return Path(value).read_bytes()
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return json.dumps(value, ensure_ascii=False).encode("utf-8")
+
+
+def _header(source, profile: Profile, plan: Plan, tok_sha: str | None) -> dict[str, Any]:
+    from cellm.format.writer import header_from_config
+
+    header = dict(header_from_config(source.config, getattr(source, "raw_config", None)))
+    prov = dict(getattr(source, "provenance", {}) or {})
+    cellm_source = {
+        "spec": prov.get("spec", getattr(source, "name", None)),
+        "repo": prov.get("repo"),
+        "revision": prov.get("revision"),
+        "commit": prov.get("commit"),
+        "checkpoint_sha256": getattr(source, "content_hash", None) or prov.get("checkpoint_sha256"),
+    }
+    for k, v in sorted(prov.items()):
+        if k not in cellm_source and (v is None or isinstance(v, (str, int, float, bool))):
+            cellm_source[k] = v
+    exts = sorted({s.dtype for e in plan.entries for s in e.specs if DTYPES[s.dtype].is_extension})
+    header.update(
+        cellm_version=__version__,
+        cellm_profile={"name": profile.name, "sha256": profile.content_hash, "gate_class": profile.gate_class},
+        cellm_schemes={e.name: e.scheme for e in plan.entries if e.quantized},
+        cellm_extensions=exts,
+        cellm_source=cellm_source,
+        cellm_tokenizer_sha256=tok_sha,
+    )
+    return header
+
+
+def _work_items(source, plan: Plan) -> Iterator[tuple[Any, slice | None]]:
+    for e in plan.entries:
+        row_local = getattr(_scheme(e.scheme), "row_local", True)
+        if len(e.shape) < 2 or not row_local:
+            yield e, None
+            continue
+        rows, row_bytes = e.shape[0], 4 * int(np.prod(e.shape[1:]))
+        step = max(1, CHUNK_BYTES // max(1, row_bytes))
+        for r0 in range(0, rows, step):
+            yield e, slice(r0, min(rows, r0 + step))
+
+
+def _scheme(name: str):
+    from cellm.quant.schemes import get_scheme
+
+    return get_scheme(name)
+
+
+def _process(source, entry, rows: slice | None) -> dict[str, np.ndarray]:
+    w = source.load(entry.name, rows=rows) if rows is not None else source.load(entry.name)
+    w = np.asarray(w)
+    if len(entry.shape) >= 2:
+        w = w.reshape((-1,) + tuple(entry.shape[1:]))
+    else:
+        w = w.reshape(entry.shape)
+    try:
+        return _scheme(entry.scheme).quantize(w)
+    except QuantizationError as exc:
+        where = f" rows {rows.start}:{rows.stop}" if rows is not None else ""
+        raise QuantizationError(f"tensor {entry.name}{where}: {exc}") from exc
+
+
+def convert(
+    source: Any,
+    profile: str | Path | Profile,
+    out: str | os.PathLike | None = None,
+    *,
+    out_dir: str | os.PathLike = ".",
+    progress: Progress | None = None,
+    threads: int = 2,
+) -> ConvertResult:
+    """Convert ``source`` (a spec string/path or an open Checkpoint) with ``profile``."""
+    from cellm.format.writer import CellmWriter
+
+    if isinstance(source, (str, os.PathLike)):
+        from cellm.sources import open_source
+
+        source = open_source(str(source))
+    prof = load_profile(profile)
+    shapes = {n: tuple(source.shape(n)) for n in source.tensor_names()}
+    plan = prof.plan(shapes)
+    final = Path(out) if out is not None else Path(out_dir) / default_output_name(source.name, prof.name)
+    if final.suffix != ".cellm":
+        raise CellmError(f"output {str(final)!r} must end in .cellm")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stem = final.with_suffix("")
+    tok_bytes = _read_blob(getattr(source, "tokenizer_json", None))
+    notice_bytes = _read_blob(getattr(source, "notice", None))
+    tok_sha = hashlib.sha256(tok_bytes).hexdigest() if tok_bytes is not None else None
+    header = _header(source, prof, plan, tok_sha)
+    specs = plan.specs()
+    total = sum(s.nbytes for s in specs)
+    done = 0
+    writer = CellmWriter(final, header, specs)
+    threads = max(1, int(threads))
+    try:
+        items = _work_items(source, plan)
+        with cf.ThreadPoolExecutor(max_workers=threads) as pool:
+            window: collections.deque = collections.deque()
+
+            def fill() -> None:
+                while len(window) < threads + 1:
+                    nxt = next(items, None)
+                    if nxt is None:
+                        return
+                    window.append((nxt[0], nxt[1], pool.submit(_process, source, *nxt)))
+
+            fill()
+            bufs: dict[str, np.ndarray] | None = None
+            while window:
+                entry, rows, fut = window.popleft()
+                parts = fut.result()
+                fill()
+                if rows is None or (rows.start == 0 and rows.stop == entry.shape[0]):
+                    full = parts  # one work item holds the whole tensor
+                else:
+                    if rows.start == 0:
+                        bufs = {s.name[len(entry.name):]: np.empty(DTYPES[s.dtype].storage_shape(s.shape),
+                                                                   DTYPES[s.dtype].storage)
+                                for s in entry.specs}
+                    for suf, arr in parts.items():
+                        bufs[suf][rows] = arr
+                    if rows.stop < entry.shape[0]:
+                        continue
+                    full, bufs = bufs, None
+                for spec in entry.specs:
+                    arr = full[spec.name[len(entry.name):]]
+                    writer.write(spec.name, arr)
+                    done += spec.nbytes
+                if progress is not None:
+                    progress(entry.name, done, total)
+                del full, parts
+        sidecars = []
+        if tok_bytes is not None:
+            tok_path = stem.with_name(stem.name + ".tokenizer.json")
+            atomic_write_bytes(tok_path, tok_bytes)
+            sidecars.append(tok_path)
+        else:
+            tok_path = None
+        notice_path = None
+        if notice_bytes is not None:
+            notice_path = stem.with_name(stem.name + ".NOTICE")
+            atomic_write_bytes(notice_path, notice_bytes)
+        result_info = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    sha, nbytes = _digest(final, result_info)
+    return ConvertResult(
+        path=final, sha256=sha, nbytes=nbytes, bytes_per_scheme=plan.bytes_per_scheme,
+        profile=prof.name, profile_hash=prof.content_hash, source=header["cellm_source"],
+        tokenizer=tok_path, notice=notice_path,
+    )
+
+
+def _digest(path: Path, info: Any) -> tuple[str, int]:
+    sha = getattr(info, "sha256", None) if info is not None else None
+    if isinstance(info, dict):
+        sha = info.get("sha256")
+    if sha:
+        return sha, path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest(), path.stat().st_size
