@@ -89,3 +89,51 @@ def start_registry(workdir: Path, timeout: float = 30.0) -> RegistryServer:
             time.sleep(0.1)
         server.stop()
     raise RuntimeError(f"docker-registry did not become healthy ({last_err}); log:\n{log.read_text()[-2000:]}")
+
+
+# ---------------------------------------------------------------------- bundle helpers for the tests
+def make_bundle_files(root: Path, seed: int = 0, size: int = 4096) -> dict:
+    """A fake bundle of a few KB: the registry treats files as opaque bytes. Returns the paths."""
+    import random
+
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    cellm = root / "model.cellm"
+    cellm.write_bytes(rng.randbytes(size))
+    tok = root / "model.tokenizer.json"
+    tok.write_text('{"model": {"type": "BPE"}, "seed": %d}' % seed)
+    notice = root / "model.NOTICE"
+    notice.write_text("Gemma is provided under and subject to the Gemma Terms of Use.\n")
+    onnx = root / "onnx"
+    (onnx / "sub").mkdir(parents=True, exist_ok=True)
+    (onnx / "model.onnx").write_bytes(rng.randbytes(size // 2))
+    (onnx / "model.onnx.data").write_bytes(rng.randbytes(size))
+    (onnx / "sub" / "genai_config.json").write_text('{"model": {"type": "gemma3_text"}}')
+    return {"cellm": cellm, "tokenizer": tok, "notice": notice, "onnx": onnx}
+
+
+def make_spec(root: Path, name: str = "tiny-gemma", version: str = "0.1.0", seed: int = 0, **kw):
+    from cellm.registry import BundleSpec
+
+    f = make_bundle_files(root, seed=seed)
+    return BundleSpec(
+        name=name,
+        version=version,
+        cellm_file=f["cellm"],
+        profile="int8-v1",
+        onnx_dir=f["onnx"],
+        tokenizer_files=(f["tokenizer"],),
+        notice=f["notice"],
+        source={"repo": "google/gemma-3-270m", "revision": "main", "commit": "abc123",
+                "checkpoint_sha256": "0" * 64},  # fmt: skip
+        profile_hash="1" * 64,
+        gate_config_hash="2" * 64,
+        metrics={"kl_mean": 0.0123, "top1_agreement": 0.981, "ppl_ratio": 1.004},
+        **kw,
+    )
+
+
+PASSING = {"passed": True, "gate_class": "int8", "checks": [{"name": "kl_mean", "value": 0.0123,
+                                                             "limit": 0.05, "passed": True}]}
+FAILING = {"passed": False, "gate_class": "int8", "checks": [{"name": "kl_mean", "value": 0.4,
+                                                              "limit": 0.05, "passed": False}]}
