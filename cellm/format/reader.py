@@ -144,10 +144,13 @@ class CellmReader:
             from cellm.config import GemmaTextConfig
 
             src = self.header.get("source_text_config")
-            if isinstance(src, dict) and src:
-                self._config = GemmaTextConfig.from_hf(src)
-            else:
-                self._config = GemmaTextConfig.from_hf(config_dict_from_header(self.header))
+            raw = src if isinstance(src, dict) and src else config_dict_from_header(self.header)
+            try:
+                self._config = GemmaTextConfig.from_hf(raw)
+            except CellmError:
+                raise
+            except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
+                raise FormatError(f"header model config is invalid: {exc}") from exc
         return self._config
 
     @property
