@@ -79,7 +79,14 @@ def test_exact_bytes_two_tensors(tmp_path):
         assert "cellm_extensions" not in r.header
 
 
-@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+RTN_SCHEMES = ["f16", "i8", "i4"] + [f"q4g{b}{v}" for b in (32, 64, 128) for v in ("", "-sym")]
+
+
+def test_rtn_schemes_registered():
+    assert set(RTN_SCHEMES) <= set(SCHEMES)
+
+
+@pytest.mark.parametrize("scheme", RTN_SCHEMES)
 @pytest.mark.parametrize("shape", [(3, 70), (4, 32), (1, 129)])
 def test_round_trip_every_scheme(tmp_path, scheme, shape):
     sc = get_scheme(scheme)
