@@ -1,0 +1,344 @@
+"""Library side of the build pipeline: content keys, content-addressed outputs, step records.
+
+The Prefect flows in ``flows/`` call these pure functions (plus the other ``cellm`` modules); nothing
+here imports Prefect. The layout of a build's work directory::
+
+    <work>/<source-name>/<convert-key>/<source-name>-<profile>.cellm   (+ .tokenizer.json, .NOTICE)
+    <work>/<source-name>/<convert-key>/convert.json     step record (sha256 of the .cellm, bytes...)
+    <work>/<source-name>/<convert-key>/onnx/            ONNX export
+    <work>/<source-name>/<convert-key>/eval-<key>.json  evaluation report (keyed by the eval config)
+    <work>/<source-name>/runs/<run-key>.json            one summary per finished build (for plots)
+    <work>/<source-name>/size_vs_quality.png
+
+Keys are sha256 digests of the content that decides an output: the source checkpoint's content hash
+(commit), the profile file's hash, the gate thresholds' hash and the package version. A step record is
+written (atomically) only after its output is complete and verified, so a build killed at any point
+leaves either a finished, verifiable output or nothing that the next run would trust; stale temp
+files of killed runs are removed under a per-key lock (``fcntl.flock``, released by the kernel when
+the holder dies).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from cellm.errors import CellmError
+
+__all__ = [
+    "step_key", "build_key", "file_sha256", "gate_config_hash", "safe_name", "key_dir",
+    "write_json_atomic", "read_json", "write_record", "load_record", "find_output",
+    "clean_stale_temp", "key_lock", "record_run", "collect_runs", "check_build_params",
+    "TEMP_PATTERNS",
+]
+
+# Names the writers in cellm use for in-progress files (temp + rename). Anything matching one of these
+# inside a key directory that is not held by a live writer (see key_lock) is a leftover of a killed run.
+TEMP_PATTERNS = (
+    re.compile(r".*\.tmp(\..*)?$"),
+    re.compile(r".*\.tmp-.*"),
+    re.compile(r"^\..*\.tmp.*"),
+    re.compile(r".*\.partial$"),
+    re.compile(r"^tmp[a-z0-9_]{6,}(\..*)?$"),  # tempfile.mkstemp/mkdtemp default names
+)
+
+
+class PipelineError(CellmError, ValueError):
+    """Bad build parameters or an inconsistent work directory."""
+
+
+def step_key(*parts: Any) -> str:
+    """sha256 (hex, 24 chars) of the JSON encoding of ``parts`` (order matters)."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def build_key(source_hash: str, profile_hash: str, gate_hash: str, version: str, *extra: Any) -> str:
+    """The key of a whole build: same source content, profile, gate thresholds and package version
+    → same key → the finished outputs can be reused."""
+    return step_key("build", source_hash, profile_hash, gate_hash, version, *extra)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def gate_config_hash(gate: str | os.PathLike | None = None) -> str:
+    """Hash of the gate thresholds in force: a thresholds file's bytes, or the shipped
+    ``cellm/gates.toml`` plus the class name."""
+    if gate is not None and (Path(str(gate)).suffix == ".toml" or os.sep in str(gate)):
+        p = Path(str(gate))
+        if not p.is_file():
+            raise PipelineError(f"gate thresholds file {str(gate)!r} does not exist")
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+    shipped = Path(__file__).with_name("gates.toml")
+    body = shipped.read_bytes() if shipped.is_file() else b""
+    return hashlib.sha256(body + b"\0" + str(gate or "").encode()).hexdigest()
+
+
+def safe_name(s: str) -> str:
+    """A filesystem-friendly name for a source spec or profile (``hf://org/x@rev`` → ``org-x-rev``)."""
+    s = re.sub(r"^[a-z]+://", "", str(s))
+    s = re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-.")
+    return s or "source"
+
+
+def key_dir(work_dir: str | os.PathLike, source_name: str, key: str) -> Path:
+    return Path(work_dir) / safe_name(source_name) / key
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Write JSON via temp file + fsync + rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_record(directory: str | os.PathLike, step: str, data: dict[str, Any]) -> Path:
+    """Record a finished step (``<dir>/<step>.json``); call only after its outputs are complete."""
+    return write_json_atomic(Path(directory) / f"{step}.json", {"step": step, "time": time.time(), **data})
+
+
+def load_record(directory: str | os.PathLike, step: str, verify: tuple[str, ...] = ("path",)) -> dict | None:
+    """The record of a finished step, or None when absent, unreadable, or when a file it names (keys in
+    ``verify``; each with a matching ``<key>_sha256`` or ``sha256`` entry) is missing or changed."""
+    p = Path(directory) / f"{step}.json"
+    try:
+        rec = read_json(p)
+    except (OSError, ValueError):
+        return None
+    for k in verify:
+        f = rec.get(k)
+        if f is None:
+            continue
+        want = rec.get(f"{k}_sha256") or (rec.get("sha256") if k == "path" else None)
+        fp = Path(f)
+        if not fp.is_file():
+            return None
+        if want and file_sha256(fp) != want:
+            return None
+    return rec
+
+
+def find_output(directory: str | os.PathLike, step: str = "convert") -> Path | None:
+    """The verified main output of a finished step (its ``path``), or None."""
+    rec = load_record(directory, step)
+    return Path(rec["path"]) if rec and rec.get("path") else None
+
+
+def clean_stale_temp(directory: str | os.PathLike, patterns=TEMP_PATTERNS) -> list[Path]:
+    """Remove leftovers of killed runs (temp files/dirs) under ``directory``; returns what was removed.
+
+    Call while holding :func:`key_lock` for that directory, so a live writer's temp file is never
+    touched."""
+    import shutil
+
+    root = Path(directory)
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for dirpath, dirnames, filenames in os.walk(root, topdown=True):
+        for n in list(dirnames):
+            if any(p.fullmatch(n) for p in patterns):
+                shutil.rmtree(Path(dirpath) / n, ignore_errors=True)
+                removed.append(Path(dirpath) / n)
+                dirnames.remove(n)
+        for n in filenames:
+            if n == ".lock":
+                continue
+            if any(p.fullmatch(n) for p in patterns):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(Path(dirpath) / n)
+                    removed.append(Path(dirpath) / n)
+    return removed
+
+
+@contextlib.contextmanager
+def key_lock(directory: str | os.PathLike, timeout: float = 3600.0) -> Iterator[Path]:
+    """Exclusive lock on a key directory (``<dir>/.lock``, flock: freed by the kernel if the holder
+    is killed). Two builds of the same key serialise; the second then finds the finished output."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise PipelineError(f"key directory {d} still locked after {timeout:.0f} s") from None
+                time.sleep(0.2)
+        yield d
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def record_run(work_dir: str | os.PathLike, source_name: str, run_key: str, summary: dict) -> Path:
+    """Save a finished build's summary for later cross-profile reports."""
+    return write_json_atomic(Path(work_dir) / safe_name(source_name) / "runs" / f"{run_key}.json", summary)
+
+
+def collect_runs(work_dir: str | os.PathLike, source_name: str) -> list[dict]:
+    """All recorded builds of one source (latest per profile first-come order by time)."""
+    d = Path(work_dir) / safe_name(source_name) / "runs"
+    out = []
+    for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError):
+            out.append(read_json(p))
+    latest: dict[str, dict] = {}
+    for r in sorted(out, key=lambda r: r.get("time", 0)):
+        latest[str(r.get("profile"))] = r
+    return sorted(latest.values(), key=lambda r: str(r.get("profile")))
+
+
+_REGISTRY_RE = re.compile(r"^(file|oci)://\S+$")
+
+
+def check_build_params(*, source: str, registry: str, threads: int = 1, shards: int = 1,
+                       task_runner: str = "threads") -> None:
+    """Reject bad build parameters before any work starts (messages name the value and the limit)."""
+    if not isinstance(source, str) or not source.strip():
+        raise PipelineError(f"source={source!r} must be a non-empty source spec")
+    if not isinstance(registry, str) or not _REGISTRY_RE.match(registry):
+        raise PipelineError(f"registry={registry!r} must be a file://PATH or oci://HOST/REPO url")
+    if not isinstance(threads, int) or not 1 <= threads <= 256:
+        raise PipelineError(f"threads={threads!r} must be an integer in [1, 256]")
+    if not isinstance(shards, int) or not 1 <= shards <= 1024:
+        raise PipelineError(f"shards={shards!r} must be an integer in [1, 1024]")
+    ok = task_runner in ("threads", "dask") or task_runner.startswith(("tcp://", "dask://", "tls://"))
+    if not ok:
+        raise PipelineError(
+            f"task_runner={task_runner!r} must be 'threads', 'dask' (a local cluster) or the "
+            f"address of an existing Dask scheduler (tcp://HOST:PORT)"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Steps: one library call each, content-addressed and resumable. The flows' tasks call these.
+# --------------------------------------------------------------------------------------------------
+
+def package_version() -> str:
+    from cellm import __version__
+
+    return __version__
+
+
+def open_checked(spec: str, revision: str | None = None, content_hash: str | None = None):
+    """Open a source; when ``content_hash`` is given, fail if the content changed since the fetch."""
+    from cellm.sources import open_source
+
+    ck = open_source(spec, revision=revision) if revision else open_source(spec)
+    if content_hash and getattr(ck, "content_hash", None) and ck.content_hash != content_hash:
+        raise PipelineError(
+            f"source {spec!r} changed during the build: content hash {ck.content_hash[:16]} "
+            f"!= {content_hash[:16]} recorded at fetch"
+        )
+    return ck
+
+
+def fetch_source(spec: str, revision: str | None = None) -> dict[str, Any]:
+    """Resolve a source (downloading / building it into the cache when needed) → JSON-able facts."""
+    ck = open_checked(spec, revision)
+    prov = dict(getattr(ck, "provenance", {}) or {})
+    return {
+        "spec": spec, "revision": revision, "name": ck.name, "path": str(ck.path),
+        "content_hash": ck.content_hash, "provenance": json.loads(json.dumps(prov, default=str)),
+        "commit": prov.get("commit"),
+    }
+
+
+def plan_summary(spec: str, revision: str | None, profile: str, content_hash: str | None = None) -> dict[str, Any]:
+    """``profile explain``: the per-scheme tensor counts and bytes the profile gives this source."""
+    from cellm.profile import load_profile
+
+    prof = load_profile(profile)
+    ck = open_checked(spec, revision, content_hash)
+    plan = prof.plan({n: tuple(ck.shape(n)) for n in ck.tensor_names()})
+    return {
+        "profile": prof.name, "profile_path": str(prof.path), "profile_hash": prof.content_hash,
+        "gate_class": prof.gate_class, "bytes_per_scheme": plan.bytes_per_scheme,
+        "tensors_per_scheme": plan.tensors_per_scheme, "total_bytes": plan.total_bytes,
+        "tensors": len(plan.entries),
+    }
+
+
+def convert_key(source_hash: str, profile_hash: str, version: str | None = None) -> str:
+    return step_key("convert", source_hash, profile_hash, version or package_version())
+
+
+def convert_step(spec: str, revision: str | None, profile: str, work_dir: str | os.PathLike, *,
+                 source_hash: str, profile_hash: str, threads: int = 2) -> dict[str, Any]:
+    """Convert into ``<work>/<source>/<key>/``; reuse a finished, sha256-verified output of the same
+    key (no work), after removing temp files a killed run left there."""
+    from cellm.convert import convert
+
+    ck = open_checked(spec, revision, source_hash)
+    key = convert_key(source_hash, profile_hash)
+    d = key_dir(work_dir, ck.name, key)
+    with key_lock(d):
+        cleaned = [str(p) for p in clean_stale_temp(d)]
+        rec = load_record(d, "convert")
+        if rec is not None:
+            return {**rec, "reused": True, "cleaned": cleaned}
+        t0 = time.perf_counter()
+        res = convert(ck, profile, out_dir=d, threads=threads)
+        info = res.to_dict()
+        from cellm.profile import load_profile
+
+        prof = load_profile(profile)
+        plan = prof.plan({n: tuple(ck.shape(n)) for n in ck.tensor_names()})
+        rec = {**info, "key": key, "dir": str(d), "source_hash": source_hash,
+               "tensors_per_scheme": plan.tensors_per_scheme, "seconds": time.perf_counter() - t0}
+        write_record(d, "convert", rec)
+    return {**rec, "reused": False, "cleaned": cleaned}
+
+
+def validate_step(cellm_path: str, spec: str | None = None, revision: str | None = None,
+                  source_hash: str | None = None) -> dict[str, Any]:
+    """Validate a .cellm (numerics against the source when given); raise ValidationError if not ok."""
+    from cellm.errors import ValidationError
+    from cellm.validate import validate
+
+    src = open_checked(spec, revision, source_hash) if spec else None
+    rep = validate(cellm_path, source=src)
+    d = rep.to_dict() if hasattr(rep, "to_dict") else {"ok": rep.ok, "problems": [str(p) for p in rep.problems]}
+    if not rep.ok:
+        probs = "; ".join(str(p) for p in rep.problems[:5])
+        raise ValidationError(f"{cellm_path}: {len(rep.problems)} validation problem(s): {probs}")
+    return d

@@ -1,0 +1,191 @@
+"""The build pipeline as Prefect flows: fetch → plan → convert → validate → export ONNX → evaluate →
+gate → publish, plus run reports.
+
+Three flows share one pipeline and differ only in their default profile:
+
+* ``build-int8``        → profile ``int8-v1``
+* ``build-int4``        → profile ``int4-v1``
+* ``build-mixed-int4``  → profile ``mixed-int4``
+
+Every task calls one ``cellm`` library function (mostly :mod:`cellm.pipeline` steps) and passes file
+paths and content hashes, never arrays. Outputs are content-addressed under ``work_dir`` and task
+results are cached by the same content keys (source hash, profile hash, gate thresholds hash, package
+version), so an unchanged rebuild does no conversion or evaluation work.
+
+A build whose quality gate fails ends **Completed** in a state named ``Blocked`` (it is a correct
+outcome of the pipeline, not a crash): nothing is published and the report says which metric broke
+which threshold. Bad input (unknown profile, unreachable source, bad parameters) ends **Failed** with
+the library's message in the flow-run logs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
+
+from cellm import pipeline as pl
+
+DEFAULT_SOURCE = "gemma-3-270m"
+DEFAULT_REGISTRY = "file://artifacts"
+DEFAULT_WORK_DIR = os.environ.get("CELLM_WORK_DIR", "work")
+PROFILES = {"build-int8": "int8-v1", "build-int4": "int4-v1", "build-mixed-int4": "mixed-int4"}
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def _transient(task_, task_run, state) -> bool:
+    """Retry the fetch only on transient I/O trouble (network, timeouts), not on definite answers
+    from the library (unknown source, bad checkpoint): those fail fast."""
+    from cellm.errors import CellmError
+
+    try:
+        state.result()
+    except CellmError:
+        return False
+    except (ConnectionError, TimeoutError, OSError):
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def _record_key(step: str, dir_param: str = "key_dir"):
+    """cache_key_fn: the content key, but only while the step's verified record exists on disk (a
+    deleted work dir makes Prefect recompute instead of returning paths to missing files)."""
+
+    def key_fn(ctx, params: dict) -> str | None:
+        d = params.get(dir_param)
+        if not d or pl.load_record(d, step) is None:
+            return None
+        return pl.step_key("prefect", step, params.get("key"), str(Path(d).resolve()))
+
+    return key_fn
+
+
+def _convert_cache_key(ctx, params: dict) -> str | None:
+    key = pl.convert_key(params["source_hash"], params["profile_hash"])
+    d = pl.key_dir(params["work_dir"], params["source_name"], key)
+    if pl.load_record(d, "convert") is None:
+        return None
+    return pl.step_key("prefect", "convert", key, str(d.resolve()))
+
+
+# ------------------------------------------------------------------------------------------- tasks
+
+@task(name="fetch", retries=3, retry_delay_seconds=[2, 5, 15], retry_condition_fn=_transient,
+      cache_policy=NO_CACHE)
+def fetch(source: str, revision: str | None) -> dict[str, Any]:
+    return pl.fetch_source(source, revision)
+
+
+@task(name="plan", cache_policy=NO_CACHE)
+def plan(source: str, revision: str | None, profile: str, source_hash: str) -> dict[str, Any]:
+    return pl.plan_summary(source, revision, profile, source_hash)
+
+
+@task(name="convert", cache_key_fn=_convert_cache_key, persist_result=True)
+def convert(source: str, revision: str | None, profile: str, work_dir: str, source_name: str,
+            source_hash: str, profile_hash: str, threads: int = 2) -> dict[str, Any]:
+    return pl.convert_step(source, revision, profile, work_dir, source_hash=source_hash,
+                           profile_hash=profile_hash, threads=threads)
+
+
+@task(name="validate", cache_policy=NO_CACHE)
+def validate(cellm_path: str, source: str, revision: str | None, source_hash: str) -> dict[str, Any]:
+    return pl.validate_step(cellm_path, source, revision, source_hash)
+
+
+# -------------------------------------------------------------------------------------------- flows
+
+def run_build(flow_name: str, *, source: str, revision: str | None, profile: str | None,
+              gate: str | None, registry: str, export_onnx: bool, evaluate: bool, publish: bool,
+              task_runner: str, shards: int, threads: int, work_dir: str):
+    """The one pipeline behind the three flows (called from inside a flow run)."""
+    log = get_run_logger()
+    pl.check_build_params(source=source, registry=registry, threads=threads, shards=shards,
+                          task_runner=task_runner)
+    profile = profile or PROFILES[flow_name]
+    work_dir = str(Path(work_dir).resolve())
+    timings: dict[str, float] = {}
+    cached: dict[str, bool] = {}
+
+    def step(name, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        st = fn(*args, return_state=True, **kwargs)
+        res = st.result()  # raises the task's exception (the flow run fails with its message)
+        timings[name] = round(time.perf_counter() - t0, 3)
+        cached[name] = st.name == "Cached" or bool(isinstance(res, dict) and res.get("reused"))
+        return res
+
+    src = step("fetch", fetch, source, revision)
+    log.info("source %s → %s (content %s)", source, src["path"], src["content_hash"][:16])
+    pln = step("plan", plan, source, revision, profile, src["content_hash"])
+    log.info("profile %s (gate class %s): %s", pln["profile"], pln["gate_class"], pln["bytes_per_scheme"])
+    conv = step("convert", convert, source, revision, profile, work_dir, src["name"], src["content_hash"],
+                pln["profile_hash"], threads)
+    log.info("artifact %s (%d bytes, sha256 %s, reused=%s)", conv["path"], conv["nbytes"], conv["sha256"],
+             cached["convert"])
+    step("validate", validate, conv["path"], source, revision, src["content_hash"])
+
+    summary: dict[str, Any] = {
+        "flow": flow_name, "source": source, "revision": revision, "source_name": src["name"],
+        "source_hash": src["content_hash"], "commit": src.get("commit"), "profile": pln["profile"],
+        "profile_hash": pln["profile_hash"], "gate_class": gate or pln["gate_class"],
+        "key": conv["key"], "cellm_path": conv["path"], "sha256": conv["sha256"], "nbytes": conv["nbytes"],
+        "bytes_per_scheme": conv["bytes_per_scheme"], "tensors_per_scheme": pln["tensors_per_scheme"],
+        "registry": registry, "eval": None, "verdict": None, "published": None, "time": time.time(),
+    }
+    status, reason = "built", None
+    if not evaluate:
+        reason = "evaluation switched off (no gate verdict, nothing to publish)"
+    summary.update(status=status, reason=reason, timings=timings, cached=cached)
+    return summary
+
+
+_COMMON_DOC = """Parameters: source (spec: ``gemma-3-270m``, ``hf://org/name[@rev]``, a local HF-layout dir or
+a ``.gguf``), revision, profile (override the flow's default), gate (a gate class ``int8``/``int4``/``f16``
+or a thresholds TOML file), registry (``file://PATH`` or ``oci://HOST/REPO``), export_onnx, evaluate,
+publish, task_runner (``threads``, ``dask`` for a local cluster, or ``tcp://HOST:PORT`` of an existing
+Dask scheduler), shards (tensor shards for conversion; 0 = auto), threads (per conversion), work_dir."""
+
+
+def _make_flow(flow_name: str):
+    def build(
+        source: str = DEFAULT_SOURCE,
+        revision: str | None = None,
+        profile: str | None = None,
+        gate: str | None = None,
+        registry: str = DEFAULT_REGISTRY,
+        export_onnx: bool = True,
+        evaluate: bool = True,
+        publish: bool = True,
+        task_runner: str = "threads",
+        shards: int = 1,
+        threads: int = 2,
+        work_dir: str = DEFAULT_WORK_DIR,
+    ):
+        summary = run_build(
+            flow_name, source=source, revision=revision, profile=profile, gate=gate, registry=registry,
+            export_onnx=export_onnx, evaluate=evaluate, publish=publish, task_runner=task_runner,
+            shards=shards, threads=threads, work_dir=work_dir,
+        )
+        if summary["status"] == "blocked":
+            return Completed(name="Blocked", message=f"blocked: {summary['reason']}", data=summary)
+        return summary
+
+    build.__name__ = flow_name.replace("-", "_")
+    build.__doc__ = f"Build with profile {PROFILES[flow_name]} by default. {_COMMON_DOC}"
+    return flow(name=flow_name, log_prints=True, validate_parameters=True)(build)
+
+
+build_int8 = _make_flow("build-int8")
+build_int4 = _make_flow("build-int4")
+build_mixed_int4 = _make_flow("build-mixed-int4")
+FLOWS = {"build-int8": build_int8, "build-int4": build_int4, "build-mixed-int4": build_mixed_int4}
