@@ -100,3 +100,11 @@ __all__ = [
     "SCHEMES", "Scheme", "register_scheme", "get_scheme", "scheme_for_dtype", "expected_parts",
     "dequantize_parts", "SCALE_SUFFIX", "ZERO_SUFFIX",
 ]
+
+# Better int4 quantizers (cellm.quant.clip / cellm.quant.gptq): same q4gB storage as RTN.
+from cellm.quant.clip import ClipScheme  # noqa: E402
+from cellm.quant.gptq import GptqScheme  # noqa: E402
+
+for _b in GROUP_SIZES:
+    register_scheme(ClipScheme(f"q4g{_b}-clip", f"q4g{_b}", _b))
+    register_scheme(GptqScheme(f"q4g{_b}-gptq", f"q4g{_b}", _b))

@@ -1,0 +1,187 @@
+"""Group-wise int4 with a per-group range (clipping) search — same storage as ``q4gB`` (MatMulNBits).
+
+Round-to-nearest (``cellm.quant.groupwise``) maps each block's [min, max] (widened to contain 0) onto
+the 16 codes. Outliers then waste most of the grid. Here every block tries a grid of shrunk ranges
+``[a*lo, a*hi]`` (``a`` in ``ALPHAS``), keeps the one with the smallest (optionally importance
+weighted) squared reconstruction error, and finally re-fits the f16 scale by weighted least squares
+with the chosen codes and zero point fixed (one refinement step, accepted only where it lowers the
+error). The result is ordinary asymmetric ``q4gB`` storage: ``W = (q - zp) * f16(scale)``.
+
+``importance`` (optional, shape [K]) weights the error of input column k, e.g. the diagonal of the
+calibration Hessian ``X^T X`` (the mean squared input activation): errors on inputs that carry large
+activations cost more. Without it the error is plain MSE, i.e. a data-free method.
+
+Everything is deterministic element-wise numpy (no reductions whose order depends on threading
+change the chosen codes beyond float32 ties, and ties are broken towards the larger range).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from cellm.errors import QuantizationError
+from cellm.format.constants import GROUP_SIZES, TensorSpec
+from cellm.quant.common import as_f32_2d, raise_nonfinite, row_chunks
+from cellm.quant.groupwise import (
+    GroupwiseScheme,
+    blocked,
+    dequantize_groupwise,
+    n_blocks,
+    pack_groupwise,
+)
+
+# shrink factors tried per block (1.0 = plain RTN range); descending so ties keep the wider range
+ALPHAS = tuple(np.round(np.arange(1.0, 0.499, -0.025), 4).tolist())
+_CHUNK = 1 << 18
+
+
+def _codes(x: np.ndarray, s: np.ndarray, zp: np.ndarray) -> np.ndarray:
+    q = x / s[..., None] + zp[..., None]
+    np.rint(q, out=q)
+    np.clip(q, 0.0, 15.0, out=q)
+    return q
+
+
+def _scale_zero(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """f16-representable scale (as f32) and integer zero point for the range [lo, hi] (lo<=0<=hi)."""
+    s = ((hi - lo) / np.float32(15.0)).astype(np.float16).astype(np.float32)
+    s[s == 0] = np.float32(1.0)
+    zp = np.clip(np.rint(-lo / s), 0.0, 15.0)
+    return s, zp
+
+
+def clip_search_block(xb: np.ndarray, wt: np.ndarray | None, alphas=ALPHAS,
+                      refit: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Best f16 scale (float32 values) and zero point for blocks ``xb`` [R, nb, B].
+
+    ``wt`` (broadcastable to ``xb``) weights the squared error; None = unweighted.
+    """
+    mn = np.minimum(xb.min(axis=2), np.float32(0.0))
+    mx = np.maximum(xb.max(axis=2), np.float32(0.0))
+    best_err = np.full(mn.shape, np.inf, dtype=np.float32)
+    best_s = np.ones(mn.shape, dtype=np.float32)
+    best_z = np.full(mn.shape, 8.0, dtype=np.float32)
+    for a in alphas:
+        a = np.float32(a)
+        s, zp = _scale_zero(mn * a, mx * a)
+        q = _codes(xb, s, zp)
+        q -= zp[..., None]
+        q *= s[..., None]
+        q -= xb
+        np.square(q, out=q)
+        if wt is not None:
+            q *= wt
+        err = q.sum(axis=2, dtype=np.float32)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_s = np.where(better, s, best_s)
+        best_z = np.where(better, zp, best_z)
+    if not refit:
+        return best_s, best_z
+    # least-squares refit of the scale with the codes and zero point fixed
+    q = _codes(xb, best_s, best_z) - best_z[..., None]
+    wq = q if wt is None else q * wt
+    num = (wq * xb).sum(axis=2, dtype=np.float32)
+    den = (wq * q).sum(axis=2, dtype=np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s_ls = np.where(den > 0, num / den, best_s)
+    s_ls = s_ls.astype(np.float16).astype(np.float32)
+    ok = np.isfinite(s_ls) & (s_ls > 0)
+    s_ls = np.where(ok, s_ls, best_s)
+    r = _codes(xb, s_ls, best_z)
+    r -= best_z[..., None]
+    r *= s_ls[..., None]
+    r -= xb
+    np.square(r, out=r)
+    if wt is not None:
+        r *= wt
+    err_ls = r.sum(axis=2, dtype=np.float32)
+    use = err_ls < best_err
+    return np.where(use, s_ls, best_s), np.where(use, best_z, best_z)
+
+
+def clip_scales(w: np.ndarray, block: int, importance: np.ndarray | None = None,
+                alphas=ALPHAS) -> tuple[np.ndarray, np.ndarray]:
+    """Searched f16 scales [N, nb] and uint8 zero points [N, nb] for asymmetric ``q4g<block>``."""
+    if block not in GROUP_SIZES:
+        raise QuantizationError(f"block size {block} unsupported; supported: {list(GROUP_SIZES)}")
+    w = as_f32_2d(w, f"q4g{block}-clip")
+    n, k = w.shape
+    if not np.isfinite(w).all():
+        raise_nonfinite(w, f"q4g{block}-clip")
+    nb = n_blocks(k, block)
+    wt = None
+    if importance is not None:
+        imp = np.asarray(importance, dtype=np.float32).reshape(-1)
+        if imp.shape[0] != k or not np.isfinite(imp).all() or (imp < 0).any():
+            raise QuantizationError(
+                f"importance must be {k} finite non-negative values, got shape {list(imp.shape)}"
+            )
+        padded = np.zeros(nb * block, dtype=np.float32)
+        padded[:k] = imp
+        wt = padded.reshape(1, nb, block)
+    scales = np.empty((n, nb), dtype=np.float16)
+    zeros = np.empty((n, nb), dtype=np.uint8)
+    for sl in row_chunks(n, nb * block, _CHUNK):
+        s, z = clip_search_block(blocked(w[sl], block), wt, alphas)
+        scales[sl] = s.astype(np.float16)
+        zeros[sl] = z.astype(np.uint8)
+    return scales, zeros
+
+
+def codes_for(w: np.ndarray, block: int, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
+    """uint8 codes [N, nb*B] for given f16 scales and zero points (``rint(w/s + zp)`` clipped)."""
+    n, k = w.shape
+    nb = n_blocks(k, block)
+    out = np.empty((n, nb * block), dtype=np.uint8)
+    s = scales.astype(np.float32)
+    z = zeros.astype(np.float32)
+    for sl in row_chunks(n, nb * block, _CHUNK):
+        out[sl] = _codes(blocked(w[sl], block), s[sl], z[sl]).reshape(out[sl].shape[0], -1)
+    return out
+
+
+def quantize_clip(w: np.ndarray, block: int, importance: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Storage parts (``""``, ``.qscale``, ``.qzero``) of ``q4g<block>`` with searched ranges."""
+    w = as_f32_2d(w, f"q4g{block}-clip")
+    scales, zeros = clip_scales(w, block, importance)
+    return pack_groupwise(codes_for(w, block, scales, zeros), scales, zeros, block)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipScheme:
+    """``q4gB-clip``: dtype ``q4gB`` (asymmetric), per-group clipping search.
+
+    ``quantize(w, hessian=None, importance=None)``: with a calibration ``hessian`` ([K, K], X^T X)
+    or ``importance`` ([K]) the search weights errors by the input second moments; without, MSE.
+    """
+
+    name: str
+    dtype: str
+    block: int
+    needs_calibration: bool = False
+
+    def _rtn(self) -> GroupwiseScheme:
+        return GroupwiseScheme(self.dtype, self.dtype, self.block, symmetric=False)
+
+    def specs(self, tensor_name: str, shape: tuple[int, ...]) -> list[TensorSpec]:
+        return self._rtn().specs(tensor_name, shape)
+
+    def quantize(self, w: np.ndarray, hessian: np.ndarray | None = None,
+                 importance: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        if importance is None and hessian is not None:
+            importance = np.diag(np.asarray(hessian, dtype=np.float32)).copy()
+        return quantize_clip(w, self.block, importance)
+
+    def dequantize(self, parts: dict[str, np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+        return dequantize_groupwise(parts, shape, self.block)
+
+    def error_bound(self, w: np.ndarray) -> np.ndarray:
+        """Per-row bound (loose): a value never moves by more than its block's range (which contains 0
+        and the dequantized grid's clipped end points)."""
+        w = as_f32_2d(w, self.name)
+        b = blocked(w, self.block)
+        rng = np.maximum(b.max(axis=2), 0) - np.minimum(b.min(axis=2), 0)
+        return (rng.max(axis=1) * np.float32(1.01) + np.float32(2.0**-20)).astype(np.float32)
