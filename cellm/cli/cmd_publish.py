@@ -33,7 +33,8 @@ def register(subparsers) -> None:
     p.add_argument("--verdict", metavar="JSON", default=None, help="gate verdict JSON ({'passed': ...})")
     p.add_argument("--eval", metavar="JSON", default=None, dest="eval_report",
                    help="eval report JSON (its 'verdict', or gates checked with --gate-class)")
-    p.add_argument("--gate-class", default=None, help="gate class to check an eval report against")
+    p.add_argument("--gate-class", default=None,
+                   help="gate class to check an eval report against (default: the profile's, from the .cellm header)")
     p.add_argument("--metrics", metavar="JSON", default=None, help="metrics JSON (default: from --eval)")
     p.add_argument("--profile", default=None, help="profile name (default: from the .cellm header)")
     p.add_argument("--channel", action="append", default=None, metavar="CH",
@@ -60,7 +61,9 @@ def _load_json(path: str, what: str) -> dict:
     return obj
 
 
-def load_verdict_and_metrics(verdict_path, eval_path, gate_class, metrics_path):
+def load_verdict_and_metrics(verdict_path, eval_path, gate_class, metrics_path, fallback_gate_class=None):
+    """Verdict: --verdict file; else the eval report checked with --gate-class; else the verdict the
+    report holds; else the report checked with the profile's gate class (from the .cellm header)."""
     verdict, metrics = None, {}
     if verdict_path:
         verdict = _load_json(verdict_path, "verdict")
@@ -73,12 +76,15 @@ def load_verdict_and_metrics(verdict_path, eval_path, gate_class, metrics_path):
         else:
             metrics = {k: v for k, v in report.items() if isinstance(v, (int, float, str, bool))}
         if verdict is None:
+            embedded = report.get("verdict") if isinstance(report.get("verdict"), dict) else None
+            if gate_class or not (embedded and "passed" in embedded or "passed" in report):
+                gate_class = gate_class or fallback_gate_class
             if gate_class:
                 from cellm.gates import check_gates  # the runtime area's gate checker
 
                 verdict = check_gates(report, gate_class)
-            elif isinstance(report.get("verdict"), dict) and "passed" in report["verdict"]:
-                verdict = report["verdict"]
+            elif embedded and "passed" in embedded:
+                verdict = embedded
             elif "passed" in report:
                 verdict = report
             else:
@@ -97,7 +103,13 @@ def run(args) -> int:
     ref = parse_ref(args.ref)
     if ref.version is None:
         raise RegistryError(f"publish needs NAME:VERSION, got {args.ref!r}")
-    verdict, metrics = load_verdict_and_metrics(args.verdict, args.eval_report, args.gate_class, args.metrics)
+    fallback = None
+    if args.gate_class is None and args.eval_report and not args.verdict:
+        from cellm.registry.bundle import header_profile, read_cellm_header
+
+        fallback = header_profile(read_cellm_header(Path(args.cellm)))[2]  # the profile's gate class
+    verdict, metrics = load_verdict_and_metrics(args.verdict, args.eval_report, args.gate_class, args.metrics,
+                                                fallback)  # fmt: skip
     spec = BundleSpec.from_cellm(args.cellm, ref.name, ref.version, onnx_dir=args.onnx, metrics=metrics,
                                  profile=args.profile)  # fmt: skip
     changes = {"extra_files": tuple(args.extra)}

@@ -117,12 +117,13 @@ class BundleSpec:
                 tok.append(p)
         notice = next((p for p in (Path(f"{stem}.NOTICE"), parent / "NOTICE") if p.is_file()), None)
         header = read_cellm_header(cellm_file)
+        h_name, h_hash, _ = header_profile(header)
         if profile is None:
-            profile = header.get("cellm_profile")
+            profile = h_name
         if source is None:
             source = header.get("cellm_source") or {}
         if profile_hash is None and profile:
-            profile_hash = profile_file_hash(profile)
+            profile_hash = h_hash if profile == h_name and h_hash else profile_file_hash(profile)
         if gate_config_hash is None:
             gate_config_hash = default_gate_config_hash()
         return cls(
@@ -153,6 +154,15 @@ def read_cellm_header(path: Path) -> dict:
             return dict(r.header)
     except Exception:  # noqa: BLE001 - lineage extraction is best effort; the bytes are what we publish
         return {}
+
+
+def header_profile(header: Mapping[str, Any]) -> tuple[str | None, str | None, str | None]:
+    """``(profile name, profile sha256, gate class)`` from a header's ``cellm_profile`` (a dict
+    ``{name, sha256, gate_class}`` as written by ``cellm convert``, or a bare name)."""
+    hp = header.get("cellm_profile")
+    if isinstance(hp, Mapping):
+        return hp.get("name"), hp.get("sha256"), hp.get("gate_class")
+    return (hp if isinstance(hp, str) else None), None, None
 
 
 def profile_file_hash(profile: str) -> str | None:
