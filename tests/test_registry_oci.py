@@ -179,3 +179,15 @@ def test_unreachable_oci_registry_fails_fast():
 def test_registry_process_is_ours_and_on_loopback(server):
     assert server.proc.poll() is None and server.host.startswith("127.0.0.1:")
     assert os.getpid() != server.proc.pid
+
+
+def test_chunked_upload_path(oci, tmp_path, monkeypatch):
+    import cellm.registry.oci as oci_mod
+
+    monkeypatch.setattr(oci_mod, "CHUNKED_ABOVE", 1000)  # every file above 1 kB goes in chunks
+    monkeypatch.setattr(oci_mod, "CHUNK_SIZE", 1500)  # of 1.5 kB: several PATCH requests per file
+    spec = make_spec(tmp_path / "src", seed=4242)
+    oci.publish(spec, PASSING)
+    oci.pull("tiny-gemma:0.1.0", tmp_path / "out")
+    assert (tmp_path / "out/model.cellm").read_bytes() == spec.cellm_file.read_bytes()
+    assert (tmp_path / "out/onnx/model.onnx.data").read_bytes() == (spec.onnx_dir / "model.onnx.data").read_bytes()

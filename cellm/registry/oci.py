@@ -45,7 +45,8 @@ ROLE_MEDIA = {
 }
 TITLE = "org.opencontainers.image.title"
 VERSION_ANN = "org.opencontainers.image.version"
-CHUNKED_ABOVE = 64 << 20  # bytes; smaller blobs go in one PUT
+CHUNKED_ABOVE = 64 << 20  # bytes; smaller blobs go in one PUT (oras reads those into memory)
+CHUNK_SIZE = 16 << 20  # bytes per PATCH of a chunked upload
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -141,9 +142,12 @@ class OciStore:
         return tags
 
     def _upload(self, name: str, path: Path, layer: dict) -> None:
-        resp = self.client.upload_blob(
-            str(path), self._container(name), layer, do_chunked=layer["size"] > CHUNKED_ABOVE
-        )
+        chunked = layer["size"] > CHUNKED_ABOVE
+        kw = {"chunk_size": CHUNK_SIZE} if chunked else {}
+        try:
+            resp = self.client.upload_blob(str(path), self._container(name), layer, do_chunked=chunked, **kw)
+        except Exception as exc:  # oras raises ValueError / requests errors on a rejected upload
+            raise RegistryError(f"{self.url}: upload of {layer['annotations'][TITLE]} failed: {exc}") from exc
         if resp.status_code not in (200, 201, 202):
             raise RegistryError(
                 f"{self.url}: upload of {layer['annotations'][TITLE]} ({layer['digest']}) answered "
