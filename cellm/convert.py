@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from cellm import __version__
-from cellm.errors import CellmError, QuantizationError
+from cellm.errors import CellmError, FormatError, QuantizationError
+from cellm.format.writer import CellmWriter
 from cellm.format.constants import DTYPES
 from cellm.profile import Plan, Profile, load_profile
 
@@ -143,6 +144,50 @@ def _process(source, entry, rows: slice | None) -> dict[str, np.ndarray]:
         raise QuantizationError(f"tensor {entry.name}{where}: {exc}") from exc
 
 
+class _StreamingWriter(CellmWriter):
+    """CellmWriter that hashes everything it emits and accepts a tensor in row-chunk parts."""
+
+    def __init__(self, path, header, specs):
+        self._sha = hashlib.sha256()
+        self._part_bytes = 0
+        super().__init__(path, header, specs)
+
+    def _emit(self, data) -> None:
+        self._sha.update(data)
+        super()._emit(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+    @property
+    def nbytes(self) -> int:
+        return self._pos
+
+    def write_part(self, name: str, data: np.ndarray, *, first: bool, last: bool) -> None:
+        """Write rows of the next tensor; ``first``/``last`` mark its first and final part."""
+        if first and last:
+            self.write(name, data)
+            return
+        if self._closed or self._next >= len(self.entries):
+            raise FormatError(f"write_part({name!r}) with no tensor left to write")
+        entry = self.entries[self._next]
+        if name != entry["name"]:
+            raise FormatError(f"write_part({name!r}) out of order: expected tensor {entry['name']!r} next")
+        buf = memoryview(np.ascontiguousarray(data)).cast("B")
+        if first:
+            self._pad_to(entry["offset_bytes"])
+            self._part_bytes = 0
+        self._part_bytes += buf.nbytes
+        if self._part_bytes > entry["nbytes"] or (last and self._part_bytes != entry["nbytes"]):
+            raise FormatError(
+                f"tensor {name!r}: parts total {self._part_bytes} bytes, expected {entry['nbytes']}"
+            )
+        self._emit(buf)
+        if last:
+            self._next += 1
+
+
 def convert(
     source: Any,
     profile: str | Path | Profile,
@@ -153,8 +198,6 @@ def convert(
     threads: int = 2,
 ) -> ConvertResult:
     """Convert ``source`` (a spec string/path or an open Checkpoint) with ``profile``."""
-    from cellm.format.writer import CellmWriter
-
     if isinstance(source, (str, os.PathLike)):
         from cellm.sources import open_source
 
@@ -174,7 +217,7 @@ def convert(
     specs = plan.specs()
     total = sum(s.nbytes for s in specs)
     done = 0
-    writer = CellmWriter(final, header, specs)
+    writer = _StreamingWriter(final, header, specs)
     threads = max(1, int(threads))
     try:
         items = _work_items(source, plan)
@@ -189,30 +232,30 @@ def convert(
                     window.append((nxt[0], nxt[1], pool.submit(_process, source, *nxt)))
 
             fill()
-            bufs: dict[str, np.ndarray] | None = None
+            companions: dict[str, list[np.ndarray]] = collections.defaultdict(list)
             while window:
                 entry, rows, fut = window.popleft()
                 parts = fut.result()
                 fill()
-                if rows is None or (rows.start == 0 and rows.stop == entry.shape[0]):
-                    full = parts  # one work item holds the whole tensor
-                else:
-                    if rows.start == 0:
-                        bufs = {s.name[len(entry.name):]: np.empty(DTYPES[s.dtype].storage_shape(s.shape),
-                                                                   DTYPES[s.dtype].storage)
-                                for s in entry.specs}
-                    for suf, arr in parts.items():
-                        bufs[suf][rows] = arr
-                    if rows.stop < entry.shape[0]:
-                        continue
-                    full, bufs = bufs, None
-                for spec in entry.specs:
-                    arr = full[spec.name[len(entry.name):]]
-                    writer.write(spec.name, arr)
-                    done += spec.nbytes
+                first = rows is None or rows.start == 0
+                last = rows is None or rows.stop == entry.shape[0]
+                main = parts.pop("")
+                writer.write_part(entry.name, main, first=first, last=last)
+                done += main.nbytes
+                del main
+                for suf, arr in parts.items():
+                    companions[suf].append(arr)
+                del parts
+                if last:
+                    for spec in entry.specs[1:]:
+                        chunks = companions.pop(spec.name[len(entry.name):])
+                        arr = chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)
+                        writer.write(spec.name, arr)
+                        done += spec.nbytes
+                    if companions:
+                        raise CellmError(f"tensor {entry.name}: unexpected parts {sorted(companions)}")
                 if progress is not None:
                     progress(entry.name, done, total)
-                del full, parts
         sidecars = []
         if tok_bytes is not None:
             tok_path = stem.with_name(stem.name + ".tokenizer.json")
@@ -224,26 +267,13 @@ def convert(
         if notice_bytes is not None:
             notice_path = stem.with_name(stem.name + ".NOTICE")
             atomic_write_bytes(notice_path, notice_bytes)
-        result_info = writer.close()
+            writer.close()
     except BaseException:
         writer.abort()
         raise
-    sha, nbytes = _digest(final, result_info)
+    sha, nbytes = writer.sha256, writer.nbytes
     return ConvertResult(
         path=final, sha256=sha, nbytes=nbytes, bytes_per_scheme=plan.bytes_per_scheme,
         profile=prof.name, profile_hash=prof.content_hash, source=header["cellm_source"],
         tokenizer=tok_path, notice=notice_path,
     )
-
-
-def _digest(path: Path, info: Any) -> tuple[str, int]:
-    sha = getattr(info, "sha256", None) if info is not None else None
-    if isinstance(info, dict):
-        sha = info.get("sha256")
-    if sha:
-        return sha, path.stat().st_size
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest(), path.stat().st_size
