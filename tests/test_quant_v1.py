@@ -169,3 +169,18 @@ def test_bitpack_round_trip_and_order(n):
     assert pack_nibbles(np.array([1, 2], np.uint8)).tolist() == [0x21]
     with pytest.raises(QuantizationError):
         unpack_nibbles(p, n + 2)
+
+
+@pytest.mark.parametrize("scheme, qmax", [("i8", 127), ("i4", 7)])
+def test_subnormal_rows_clamp_like_reference(scheme, qmax):
+    """With subnormal f32 scales w/scale can exceed qmax+0.5: the clamp must apply."""
+    tiny = np.float32(2.0**-149)
+    w = np.array([[15 * tiny, 14 * tiny, -15 * tiny, tiny],
+                  [200 * tiny, -199 * tiny, 3 * tiny, 0]], dtype=np.float32)
+    parts = get_scheme(scheme).quantize(w)
+    q_ref, s_ref = reference_rowwise(w, qmax)
+    deq = get_scheme(scheme).dequantize(parts, w.shape)
+    np.testing.assert_array_equal(deq, (q_ref * s_ref.astype(np.float32)[:, None]).astype(np.float32))
+    if scheme == "i8":
+        np.testing.assert_array_equal(parts[""], q_ref)
+    assert np.abs(q_ref).max() == qmax

@@ -10,7 +10,7 @@ from cellm.errors import QuantizationError
 
 F16_MAX = np.float32(65504.0)
 # Work on row slices of about this many elements so temporaries stay in the CPU cache.
-CHUNK_ELEMENTS = 1 << 16
+CHUNK_ELEMENTS = 1 << 15
 
 
 def as_f32_2d(w: np.ndarray, scheme: str) -> np.ndarray:

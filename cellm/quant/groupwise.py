@@ -34,7 +34,10 @@ import numpy as np
 from cellm.errors import QuantizationError
 from cellm.format.constants import GROUP_SIZES, SCALE_SUFFIX, ZERO_SUFFIX, TensorSpec, make_spec
 from cellm.quant.bitpack import pack_nibbles, unpack_nibbles
-from cellm.quant.common import CHUNK_ELEMENTS, as_f32_2d, f16_scales, raise_nonfinite, row_chunks
+from cellm.quant.common import as_f32_2d, f16_scales, raise_nonfinite, row_chunks
+
+
+GROUP_CHUNK = 1 << 17  # elements per row chunk (fewer, larger chunks amortise per-block calls)
 
 
 def n_blocks(k: int, block: int) -> int:
@@ -57,13 +60,8 @@ def blocked(w: np.ndarray, block: int) -> np.ndarray:
     return w.reshape(n, nb, block)
 
 
-def rtn_scales(w: np.ndarray, block: int, symmetric: bool, scheme: str = "q4g") -> tuple[np.ndarray, np.ndarray | None]:
-    """Round-to-nearest f16 scales [N, nb] and uint8 zero points [N, nb] (None when symmetric)."""
-    b = blocked(w, block)
-    mx = b.max(axis=2)
-    mn = b.min(axis=2)
-    if not (np.isfinite(mx).all() and np.isfinite(mn).all()):
-        raise_nonfinite(w, scheme)
+def _rtn_from_minmax(mx: np.ndarray, mn: np.ndarray, symmetric: bool, scheme: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-block f16 scales and uint8 zero points (None when symmetric) from block max/min."""
     if symmetric:
         a = np.where(np.abs(mx) > np.abs(mn), mx, mn)
         s16 = f16_scales(a / np.float32(-8.0), scheme)
@@ -81,37 +79,22 @@ def rtn_scales(w: np.ndarray, block: int, symmetric: bool, scheme: str = "q4g") 
     return s16, zp
 
 
-def quantize_codes(w: np.ndarray, block: int, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
-    """uint8 codes [N, nb*B] in [0, 15] for given f16/f32 scales [N, nb] and zero points (None: 8).
-
-    Codes are computed with the scales as stored (f16-rounded), ``q = clip(rint(w/s + zp), 0, 15)``.
-    """
-    n, k = w.shape
-    nb = n_blocks(k, block)
-    s = np.asarray(scale).astype(np.float16).astype(np.float32)
-    if s.shape != (n, nb):
-        raise QuantizationError(f"scales have shape {list(s.shape)}, expected {[n, nb]}")
-    if (s == 0).any() or not np.isfinite(s).all():
-        raise QuantizationError("scales must be finite and non-zero after f16 rounding")
-    if zero is None:
-        zp = np.full((n, nb), 8.0, dtype=np.float32)
-    else:
-        zp = np.asarray(zero).astype(np.float32)
-        if zp.shape != (n, nb) or (zp < 0).any() or (zp > 15).any():
-            raise QuantizationError(f"zero points must be [N, nb]={[n, nb]} in [0, 15]")
-    codes = np.empty((n, nb * block), dtype=np.uint8)
-    for sl in row_chunks(n, nb * block, CHUNK_ELEMENTS):
-        x = blocked(w[sl], block)
-        x = np.divide(x, s[sl, :, None])
-        x += zp[sl, :, None]
-        np.rint(x, out=x)
-        np.clip(x, 0.0, 15.0, out=x)
-        codes[sl] = x.reshape(x.shape[0], -1)
-    return codes
+def rtn_scales(w: np.ndarray, block: int, symmetric: bool, scheme: str = "q4g") -> tuple[np.ndarray, np.ndarray | None]:
+    """Round-to-nearest f16 scales [N, nb] and uint8 zero points [N, nb] (None when symmetric)."""
+    b = blocked(as_f32_2d(w, scheme), block)
+    mx = b.max(axis=2)
+    mn = b.min(axis=2)
+    if not (np.isfinite(mx).all() and np.isfinite(mn).all()):
+        raise_nonfinite(w, scheme)
+    return _rtn_from_minmax(mx, mn, symmetric, scheme)
 
 
 def pack_groupwise(codes: np.ndarray, scales: np.ndarray, zero: np.ndarray | None, block: int) -> dict[str, np.ndarray]:
-    """uint8 codes [N, nb*B] (or [N, K]) + scales [N, nb] + zero points [N, nb]|None -> storage parts."""
+    """uint8 codes [N, nb*B] (or [N, K]) + scales [N, nb] + zero points [N, nb]|None -> storage parts.
+
+    Codes beyond K (when given [N, K] with K % B != 0) are padded with the block's zero point (8 when
+    symmetric), so padding dequantizes to exactly 0.
+    """
     _check_block(block)
     codes = np.asarray(codes, dtype=np.uint8)
     n = codes.shape[0]
@@ -121,11 +104,10 @@ def pack_groupwise(codes: np.ndarray, scales: np.ndarray, zero: np.ndarray | Non
             raise QuantizationError(
                 f"codes of shape {list(codes.shape)} do not match {nb} blocks of {block}"
             )
-        p = np.full((n, nb * block), 8 if zero is None else 0, dtype=np.uint8)
+        p = np.full((n, nb * block), 8, dtype=np.uint8)
+        if zero is not None:
+            p[:, codes.shape[1]:] = np.asarray(zero, dtype=np.uint8)[:, -1:]
         p[:, : codes.shape[1]] = codes
-        if zero is not None:  # pad with the zero point so padding dequantizes to exactly 0
-            pad_zp = np.asarray(zero, dtype=np.uint8)[:, -1:]
-            p[:, codes.shape[1]:] = pad_zp
         codes = p
     parts = {
         "": pack_nibbles(codes.reshape(n, nb, block)),
@@ -138,21 +120,82 @@ def pack_groupwise(codes: np.ndarray, scales: np.ndarray, zero: np.ndarray | Non
 
 def quantize_groupwise(w: np.ndarray, block: int, symmetric: bool, scale: np.ndarray | None = None,
                        zero: np.ndarray | None = None, scheme: str | None = None) -> dict[str, np.ndarray]:
-    """Quantize [N, K] to the MatMulNBits parts; RTN scales unless ``scale`` (and ``zero``) given."""
+    """Quantize [N, K] to the MatMulNBits parts.
+
+    RTN scales/zero points unless ``scale`` ([N, nb], f16 or f32; rounded to f16 as stored) and, for
+    the asymmetric form, ``zero`` ([N, nb] integers in [0, 15]) are given — clipping searches and
+    other scale choosers reuse the exact code assignment ``q = clip(rint(w/s16 + zp), 0, 15)``.
+    Works on row chunks with reused cache-sized buffers (one read of ``w``).
+    """
     _check_block(block)
     name = scheme or f"q4g{block}{'-sym' if symmetric else ''}"
     w = as_f32_2d(w, name)
-    if scale is None:
-        scale, zero = rtn_scales(w, block, symmetric, name)
-    elif symmetric:
-        zero = None
-    elif zero is None:
-        raise QuantizationError(f"scheme {name}: asymmetric quantization with given scales needs zero points")
+    n, k = w.shape
+    if k == 0:
+        raise QuantizationError(f"scheme {name}: rows of length 0 (shape {list(w.shape)})")
+    nb = n_blocks(k, block)
+    kp = nb * block
+    given = scale is not None
+    if given:
+        s_all = np.asarray(scale).astype(np.float16)
+        if s_all.shape != (n, nb):
+            raise QuantizationError(f"scheme {name}: scales have shape {list(s_all.shape)}, expected {[n, nb]}")
+        if not np.isfinite(s_all).all() or (s_all == 0).any():
+            raise QuantizationError(f"scheme {name}: scales must be finite and non-zero after f16 rounding")
+        if symmetric:
+            z_all = None
+        elif zero is None:
+            raise QuantizationError(f"scheme {name}: asymmetric quantization with given scales needs zero points")
+        else:
+            z_all = np.asarray(zero)
+            if z_all.shape != (n, nb) or (z_all < 0).any() or (z_all > 15).any():
+                raise QuantizationError(f"scheme {name}: zero points must be [N, nb]={[n, nb]} in [0, 15]")
+            z_all = z_all.astype(np.uint8)
     else:
-        if not np.isfinite(w).all():
+        s_all = np.empty((n, nb), dtype=np.float16)
+        z_all = None if symmetric else np.empty((n, nb), dtype=np.uint8)
+    main = np.empty((n, nb, block // 2), dtype=np.uint8)
+    step = next(row_chunks(n, kp, GROUP_CHUNK)).stop
+    buf = np.zeros((step, kp), dtype=np.float32)
+    half = np.empty((step, nb, block // 2), dtype=np.float32)
+    tbuf = np.empty((block, step * nb), dtype=np.float32)
+    for sl in row_chunks(n, kp, GROUP_CHUNK):
+        m = sl.stop - sl.start
+        x = buf[:m]
+        x[:, :k] = w[sl]
+        if kp != k:
+            x[:, k:] = 0.0
+        xb = x.reshape(m, nb, block)
+        # block max/min: reducing a transposed copy along axis 0 is ~2x faster than axis=2
+        xt = tbuf[:, : m * nb]
+        np.copyto(xt, x.reshape(m * nb, block).T)
+        mx = xt.max(axis=0).reshape(m, nb)
+        mn = xt.min(axis=0).reshape(m, nb)
+        if not (np.isfinite(mx).all() and np.isfinite(mn).all()):
             raise_nonfinite(w, name)
-    codes = quantize_codes(w, block, scale, zero)
-    return pack_groupwise(codes, np.asarray(scale).astype(np.float16), zero, block)
+        if given:
+            s16 = s_all[sl]
+            zp = None if z_all is None else z_all[sl]
+        else:
+            s16, zp = _rtn_from_minmax(mx, mn, symmetric, name)
+            s_all[sl] = s16
+            if zp is not None:
+                z_all[sl] = zp
+        np.divide(xb, s16.astype(np.float32)[:, :, None], out=xb)
+        if zp is None:
+            xb += np.float32(8.0)
+        else:
+            xb += zp.astype(np.float32)[:, :, None]
+        np.rint(xb, out=xb)
+        np.clip(xb, np.float32(0.0), np.float32(15.0), out=xb)
+        p = half[:m]
+        np.multiply(xb[:, :, 1::2], np.float32(16.0), out=p)
+        p += xb[:, :, 0::2]
+        np.copyto(main[sl], p, casting="unsafe")
+    parts = {"": main, SCALE_SUFFIX: s_all}
+    if z_all is not None:
+        parts[ZERO_SUFFIX] = pack_nibbles(z_all, pad=0)
+    return parts
 
 
 def dequantize_groupwise(parts: dict[str, np.ndarray], shape: tuple[int, ...], block: int) -> np.ndarray:
