@@ -3,6 +3,8 @@
 ``i8`` / ``i4`` are per-row symmetric. For each row: ``m = max|w|`` (f32), ``scale = m/qmax`` (f32
 division) or 1.0 for an all-zero row, ``q = clamp(round_half_away_from_zero(w/scale), -qmax, qmax)``
 with the f32 scale (f32 division), the stored scale is ``f16(scale)``; dequant ``q * f16(scale)``.
+(A row whose ``m/qmax`` underflows to 0 in f32 — only possible when every value is a subnormal below
+~1e-43 — also gets scale 1.0, i.e. quantizes to zeros, instead of dividing by zero.)
 qmax is 127 (i8) or 7 (i4, stored as the nibble q+8, element 2k in the low nibble, odd rows padded
 with the nibble 8).
 
@@ -101,10 +103,13 @@ class RowwiseScheme:
         ]
 
     def scales(self, w: np.ndarray) -> np.ndarray:
-        """The f32 per-row scales (m/qmax, 1.0 for an all-zero row)."""
+        """The f32 per-row scales: m/qmax, or 1.0 for an all-zero row — and for a row whose m/qmax
+        underflows to 0 (m < ~1e-43, all-subnormal rows; upstream would divide by zero there)."""
         mx, mn = row_minmax(w, self.name)
         m = np.maximum(mx, -mn)
-        return np.where(m > 0, m / np.float32(self.qmax), np.float32(1.0)).astype(np.float32)
+        scale = m / np.float32(self.qmax)
+        scale[scale == 0] = np.float32(1.0)
+        return scale.astype(np.float32, copy=False)
 
     def quantize(self, w: np.ndarray) -> dict[str, np.ndarray]:
         w = as_f32_2d(w, self.name)
