@@ -253,6 +253,8 @@ def test_writer_rejects_bad_specs(tmp_path):
         w.write("y", np.zeros(3, np.int8))
     with pytest.raises(FormatError, match="tensor 'x' \\(f16 \\[2\\]\\): got 6 bytes, expected 4"):
         w.write("x", np.zeros(3, np.float16))
+    with pytest.raises(FormatError, match="got a float32 array, expected float16 storage"):
+        w.write("x", np.zeros(1, np.float32))
     w.write("x", np.zeros(2, np.float16))
     with pytest.raises(FormatError, match="1 tensor\\(s\\) not written, next 'y'"):
         w.close()

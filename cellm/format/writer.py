@@ -161,6 +161,12 @@ class CellmWriter:
         if name != entry["name"]:
             raise FormatError(f"write({name!r}) out of order: expected tensor {entry['name']!r} next")
         if isinstance(data, np.ndarray):
+            storage = DTYPES[entry["dtype"]].storage
+            if data.dtype != storage and data.dtype != np.uint8:
+                raise FormatError(
+                    f"tensor {name!r} (dtype {entry['dtype']}): got a {data.dtype} array, expected "
+                    f"{storage} storage (or raw uint8 bytes)"
+                )
             buf = memoryview(np.ascontiguousarray(data)).cast("B")
         else:
             buf = memoryview(data).cast("B")
@@ -170,8 +176,6 @@ class CellmWriter:
                 f"expected {entry['nbytes']}"
             )
         self._pad_to(entry["offset_bytes"])
-        if np.little_endian is False:  # pragma: no cover - all supported hosts are little endian
-            raise FormatError("big-endian hosts are not supported")
         self._emit(buf)
         self._next += 1
 
