@@ -43,7 +43,8 @@ def test_publish_ls_show_pull(env, capsys):
     assert main(["show", "gemma-int8:1.0.0"]) == 0
     shown = capsys.readouterr().out
     assert "PASSED (class int8)" in shown and "kl_mean" in shown and "model.tokenizer.json" in shown
-    assert "model.NOTICE" in shown and "onnx/sub/genai_config.json" in shown and "channels:         latest, stable" in shown
+    assert "model.NOTICE" in shown and "onnx/sub/genai_config.json" in shown
+    assert "channels:         latest, stable" in shown
     assert main(["show", "gemma-int8", "--json"]) == 0
     m = json.loads(capsys.readouterr().out)
     assert m["profile"] == "int8-v1" and m["verdict"] == PASSING
@@ -111,8 +112,8 @@ def test_pull_of_tampered_blob_exits_nonzero_as_a_process(env):
     data = bytearray(blob.read_bytes())
     data[0] ^= 0x80
     blob.write_bytes(bytes(data))
-    proc = subprocess.run([sys.executable, "-m", "cellm", "pull", "gemma-int8:1.0.0", "-o", str(tmp / "out")],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "CELLM_REGISTRY": url})  # fmt: skip
+    cmd = [sys.executable, "-m", "cellm", "pull", "gemma-int8:1.0.0", "-o", str(tmp / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "CELLM_REGISTRY": url})
     assert proc.returncode == 2
     assert "model.cellm" in proc.stderr and sha in proc.stderr
     assert hashlib.sha256(bytes(data)).hexdigest() in proc.stderr

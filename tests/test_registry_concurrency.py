@@ -77,7 +77,8 @@ def test_eight_concurrent_publishers_same_version_exactly_one_wins(tmp_path):
     assert len(winners) == 1, results
     assert sum(r[0] == "exists" for r in results) == N - 1
     reg = open_registry(url)
-    assert reg.list_versions("race") == ["2.0.0"] and reg.list_channels("race") == {"latest": "2.0.0", "stable": "2.0.0"}
+    assert reg.list_versions("race") == ["2.0.0"]
+    assert reg.list_channels("race") == {"latest": "2.0.0", "stable": "2.0.0"}
     reg.pull("race:2.0.0", tmp_path / "out")
     seed = winners[0][1]
     assert (tmp_path / "out/model.cellm").read_bytes() == (tmp_path / f"src{seed}/model.cellm").read_bytes()

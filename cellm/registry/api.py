@@ -142,7 +142,8 @@ class Registry:
                 )
         elif not passed:
             why = "no gate verdict was given" if vrec is None else "the gate verdict did not pass"
-            failed = [c for c in (vrec or {}).get("checks", []) or [] if isinstance(c, Mapping) and not c.get("passed", True)]
+            checks = (vrec or {}).get("checks") or []
+            failed = [c for c in checks if isinstance(c, Mapping) and not c.get("passed", True)]
             raise UnsafePublishError(
                 f"refusing to publish {spec.name}:{spec.version}: {why}"
                 + (f" (failed checks: {json_safe(failed)})" if failed else "")

@@ -160,10 +160,14 @@ class OciStore:
                           headers={"Accept": OCI_MANIFEST})  # fmt: skip
         return r.status_code == 200
 
-    def put_version(self, name: str, version: str, manifest_bytes: bytes, files: list[tuple[FileEntry, Path]]) -> None:
+    def put_version(
+        self, name: str, version: str, manifest_bytes: bytes, files: list[tuple[FileEntry, Path]]
+    ) -> None:
         tag = version_tag(version)
         if self.has_version(name, version):
-            raise VersionExistsError(f"{name}:{version} already exists in {self.url} (tag {tag}); versions are immutable")
+            raise VersionExistsError(
+                f"{name}:{version} already exists in {self.url} (tag {tag}); versions are immutable"
+            )
         layers = []
         for e, path in files:
             layer = {
