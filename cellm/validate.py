@@ -103,6 +103,7 @@ class _Validator:
         self.header: dict[str, Any] = {}
         self.tensors: dict[str, TensorInfo] = {}  # structurally sound tensors only
         self.data_start = 0
+        self.all_names: set = set()
 
     def add(self, kind: str, tensor: str | None, offset: int | None, message: str) -> None:
         self.problems.append(Problem(kind, tensor, offset, message))
@@ -242,7 +243,9 @@ class _Validator:
 
     def semantics(self) -> GemmaTextConfig | None:
         cfg = self.config()
-        all_names = {e.get("name") for e in self.header.get("tensors", []) if isinstance(e, dict)}
+        all_names = self.all_names = {
+            e.get("name") for e in self.header.get("tensors", []) if isinstance(e, dict)
+        }
         if cfg is not None:
             for hkey, ckey in _HEADER_TO_CONFIG.items():
                 hv = self.header.get(hkey)
@@ -296,7 +299,7 @@ class _Validator:
     def _companions(self, info: TensorInfo) -> None:
         name, dtype = info.name, info.dtype
         scale, zero = self.tensors.get(name + SCALE_SUFFIX), self.tensors.get(name + ZERO_SUFFIX)
-        names = {e.get("name") for e in self.header["tensors"] if isinstance(e, dict)}
+        names = self.all_names
         if not _quantized(dtype):
             for suf in COMPANION_SUFFIXES:
                 if name + suf in names:

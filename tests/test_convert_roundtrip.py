@@ -254,3 +254,44 @@ def test_atomic_on_failure(ckpt, tmp_path):
 def test_output_name_must_be_cellm(ckpt, tmp_path):
     with pytest.raises(CellmError, match=r"\.cellm"):
         convert(str(ckpt[0]), "f16", tmp_path / "x.bin")
+
+
+KILL_CHILD = r"""
+import sys, time
+from cellm.convert import convert
+from cellm.sources import open_source
+
+class Slow:
+    def __init__(self, inner):
+        self._inner, self._n = inner, 0
+    def __getattr__(self, k):
+        return getattr(self._inner, k)
+    def load(self, name, rows=None):
+        self._n += 1
+        if self._n == 15:
+            print("ready", flush=True)
+            time.sleep(60)
+        return self._inner.load(name, rows=rows)
+
+convert(Slow(open_source(sys.argv[1])), "int8-v1", sys.argv[2], threads=1)
+"""
+
+
+def test_sigkill_mid_convert_leaves_no_cellm(ckpt, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    d, _, _ = ckpt
+    out = tmp_path / "k.cellm"
+    p = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(d), str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        p.kill()
+    assert not out.exists()
+    assert not out.with_name("k.tokenizer.json").exists()
+    left = [x.name for x in tmp_path.iterdir()]
+    assert left and all(n.startswith(".k.cellm.") and ".tmp" in n for n in left), left
