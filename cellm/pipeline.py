@@ -79,16 +79,15 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 def gate_config_hash(gate: str | os.PathLike | None = None) -> str:
-    """Hash of the gate thresholds in force: a thresholds file's bytes, or the shipped
-    ``cellm/gates.toml`` plus the class name."""
+    """sha256 of the gate thresholds file in force: ``gate`` when it is a TOML file, else the shipped
+    ``cellm/gates.toml`` (the gate class itself is part of the build key separately)."""
     if gate is not None and (Path(str(gate)).suffix == ".toml" or os.sep in str(gate)):
         p = Path(str(gate))
         if not p.is_file():
             raise PipelineError(f"gate thresholds file {str(gate)!r} does not exist")
-        return hashlib.sha256(p.read_bytes()).hexdigest()
+        return file_sha256(p)
     shipped = Path(__file__).with_name("gates.toml")
-    body = shipped.read_bytes() if shipped.is_file() else b""
-    return hashlib.sha256(body + b"\0" + str(gate or "").encode()).hexdigest()
+    return file_sha256(shipped) if shipped.is_file() else hashlib.sha256(b"").hexdigest()
 
 
 def safe_name(s: str) -> str:
@@ -253,6 +252,25 @@ def check_build_params(*, source: str, registry: str, threads: int = 1, shards: 
 # Steps: one library call each, content-addressed and resumable. The flows' tasks call these.
 # --------------------------------------------------------------------------------------------------
 
+def check_inputs(*, source: str, profile: str, gate: str | None, registry: str, threads: int = 2,
+                 shards: int = 1, task_runner: str = "threads") -> dict[str, Any]:
+    """Everything that can be checked before touching the source: parameters, the profile file and
+    the gate override. Raises the library's error (ProfileError, PipelineError...)."""
+    from cellm.profile import GATE_CLASSES, load_profile
+
+    check_build_params(source=source, registry=registry, threads=threads, shards=shards,
+                       task_runner=task_runner)
+    prof = load_profile(profile)
+    if gate is not None and gate not in GATE_CLASSES and not Path(str(gate)).is_file():
+        raise PipelineError(
+            f"gate={gate!r} must be a gate class ({', '.join(GATE_CLASSES)}) or an existing thresholds file"
+        )
+    return {"profile": prof.name, "profile_hash": prof.content_hash,
+            "gate_class": gate if gate in GATE_CLASSES else prof.gate_class,
+            "gate_file": str(Path(gate).resolve()) if gate and gate not in GATE_CLASSES else None,
+            "gate_hash": gate_config_hash(gate if gate and gate not in GATE_CLASSES else None)}
+
+
 def package_version() -> str:
     from cellm import __version__
 
@@ -342,3 +360,104 @@ def validate_step(cellm_path: str, spec: str | None = None, revision: str | None
         probs = "; ".join(str(p) for p in rep.problems[:5])
         raise ValidationError(f"{cellm_path}: {len(rep.problems)} validation problem(s): {probs}")
     return d
+
+
+def export_step(cellm_path: str, directory: str | os.PathLike, *, accuracy_level: int = 4) -> dict[str, Any]:
+    """ONNX export into ``<dir>/onnx`` (reused when its record's file hashes still verify)."""
+    from cellm.onnx_export import export_onnx
+
+    d = Path(directory)
+    out = d / "onnx"
+    with key_lock(d):
+        clean_stale_temp(d)
+        rec = load_record(d, "onnx", verify=())
+        if rec is not None and rec.get("cellm_sha256") == file_sha256(cellm_path) and all(
+            (out / f).is_file() and (out / f).stat().st_size == n for f, n in rec.get("files", {}).items()
+        ):
+            return {**rec, "reused": True}
+        t0 = time.perf_counter()
+        export_onnx(cellm_path, out, accuracy_level=accuracy_level, force=True)
+        files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+        rec = {"dir": str(out), "files": files, "cellm_sha256": file_sha256(cellm_path),
+               "accuracy_level": accuracy_level, "seconds": time.perf_counter() - t0}
+        write_record(d, "onnx", rec)
+    return {**rec, "reused": False}
+
+
+def eval_key(cellm_sha256: str, source_hash: str, settings: dict[str, Any]) -> str:
+    return step_key("eval", cellm_sha256, source_hash, settings, package_version())
+
+
+def evaluate_step(cellm_path: str, spec: str, revision: str | None, directory: str | os.PathLike, *,
+                  source_hash: str, cellm_sha256: str, settings: dict[str, Any] | None = None,
+                  threads: int | None = None) -> dict[str, Any]:
+    """Evaluate the artifact against the f32 source; the JSON/markdown reports go to
+    ``<dir>/eval-<key>.{json,md}`` and are reused when the same artifact/settings were evaluated."""
+    from cellm.eval import evaluate
+    from cellm.eval.evaluate import write_json, write_markdown
+
+    settings = dict(settings or {})
+    key = eval_key(cellm_sha256, source_hash, settings)
+    d = Path(directory)
+    step = f"eval-{key}"
+    with key_lock(d):
+        clean_stale_temp(d)
+        rec = load_record(d, step, verify=("report",))
+        if rec is not None:
+            return {**rec, "reused": True}
+        t0 = time.perf_counter()
+        ref = open_checked(spec, revision, source_hash)
+        rep = evaluate(cellm_path, ref, threads=threads, **settings)
+        jpath, mpath = d / f"{step}.report.json", d / f"{step}.report.md"
+        write_json(rep, jpath)
+        write_markdown(rep, mpath)
+        rec = {"key": key, "report": str(jpath), "report_sha256": file_sha256(jpath), "markdown": str(mpath),
+               "metrics": {k: v for k, v in rep.metrics.items()}, "settings": settings,
+               "seconds": time.perf_counter() - t0}
+        write_record(d, step, rec)
+    return {**rec, "reused": False}
+
+
+def gate_step(eval_report: str, gate_class: str, gates_file: str | None = None) -> dict[str, Any]:
+    """Apply the gate thresholds to an evaluation report (JSON file) → the verdict as a dict with a
+    one-line ``reason`` when it failed."""
+    from cellm.gates import check_gates
+
+    v = check_gates(read_json(eval_report), gate_class, gates_file)
+    out = v.to_dict()
+    out["reason"] = None if v.passed else (
+        f"quality gate {gate_class!r} failed: " + "; ".join(c.describe() for c in v.failures))
+    out["summary"] = v.summary()
+    return out
+
+
+def artifact_name(source_name: str, profile: str) -> str:
+    return re.sub(r"[^a-z0-9._-]+", "-", f"{source_name}-{profile}".lower()).strip("-._")[:128]
+
+
+def publish_step(registry: str, cellm_path: str, *, source_name: str, profile: str, build_key: str,
+                 verdict: dict, metrics: dict | None = None, onnx_dir: str | None = None,
+                 profile_hash: str | None = None, gate_hash: str | None = None,
+                 channels: tuple[str, ...] = ("latest",)) -> dict[str, Any]:
+    """Gated publish of the bundle as ``<source>-<profile>:<version>+<build key>`` (idempotent: an
+    unchanged rebuild finds its version already published and does not publish again)."""
+    from cellm.errors import RegistryNotFound
+    from cellm.registry import open_registry
+    from cellm.registry.bundle import BundleSpec
+
+    reg = open_registry(registry)
+    name = artifact_name(source_name, profile)
+    version = f"{package_version()}+{build_key[:12]}"
+    ref = f"{name}:{version}"
+    try:
+        existing = reg.list_versions(name)
+    except RegistryNotFound:
+        existing = []
+    if version in existing:
+        return {"ref": ref, "name": name, "version": version, "registry": registry, "reused": True}
+    spec = BundleSpec.from_cellm(cellm_path, name, version, onnx_dir=onnx_dir, metrics=metrics or {},
+                                 verdict=verdict, profile=profile, profile_hash=profile_hash,
+                                 gate_config_hash=gate_hash)
+    m = reg.publish(spec, verdict, channels=channels)
+    return {"ref": ref, "name": name, "version": version, "registry": registry, "reused": False,
+            "files": len(getattr(m, "files", ()) or ())}

@@ -170,3 +170,30 @@ def size_quality_png(runs: Iterable[dict], out_path: str | os.PathLike, *, sourc
     finally:
         plt.close(fig)
     return out
+
+
+def write_run_report(summary: dict, work_dir: str | os.PathLike) -> dict:
+    """Record this build under ``<work>/<source>/runs/``, redraw the source's size-vs-quality PNG from
+    every recorded build (one point per profile, latest run) and write the markdown report next to the
+    artifact (``<key dir>/report.md``) and as ``<work>/<source>/<profile>.report.md``. Returns the
+    summary with ``plot`` and ``report`` filled in."""
+    from cellm import pipeline as pl
+
+    s = dict(summary)
+    src_dir = Path(work_dir) / pl.safe_name(s["source_name"])
+    png = src_dir / "size_vs_quality.png"
+    s["plot"] = str(png)
+    key_dir = Path(s["cellm_path"]).parent
+    s["report"] = str(key_dir / "report.md")
+    run_key = pl.step_key("run", s.get("key"), s.get("gate_class"), s.get("gate_hash"), s.get("eval_key"))
+    pl.record_run(work_dir, s["source_name"], run_key, s)
+    size_quality_png(pl.collect_runs(work_dir, s["source_name"]), png, source=str(s.get("source")))
+    md = run_report_markdown(s)
+    for p in (key_dir / "report.md", src_dir / f"{pl.safe_name(str(s['profile']))}.report.md"):
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(md)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    return s

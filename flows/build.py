@@ -79,38 +79,87 @@ def _convert_cache_key(ctx, params: dict) -> str | None:
 
 # ------------------------------------------------------------------------------------------- tasks
 
+@task(name="check-inputs", cache_policy=NO_CACHE)
+def check_inputs_task(source: str, profile: str, gate: str | None, registry: str, threads: int, shards: int,
+                 task_runner: str) -> dict[str, Any]:
+    return pl.check_inputs(source=source, profile=profile, gate=gate, registry=registry, threads=threads,
+                           shards=shards, task_runner=task_runner)
+
+
 @task(name="fetch", retries=3, retry_delay_seconds=[2, 5, 15], retry_condition_fn=_transient,
       cache_policy=NO_CACHE)
-def fetch(source: str, revision: str | None) -> dict[str, Any]:
+def fetch_task(source: str, revision: str | None) -> dict[str, Any]:
     return pl.fetch_source(source, revision)
 
 
 @task(name="plan", cache_policy=NO_CACHE)
-def plan(source: str, revision: str | None, profile: str, source_hash: str) -> dict[str, Any]:
+def plan_task(source: str, revision: str | None, profile: str, source_hash: str) -> dict[str, Any]:
     return pl.plan_summary(source, revision, profile, source_hash)
 
 
 @task(name="convert", cache_key_fn=_convert_cache_key, persist_result=True)
-def convert(source: str, revision: str | None, profile: str, work_dir: str, source_name: str,
+def convert_task(source: str, revision: str | None, profile: str, work_dir: str, source_name: str,
             source_hash: str, profile_hash: str, threads: int = 2) -> dict[str, Any]:
     return pl.convert_step(source, revision, profile, work_dir, source_hash=source_hash,
                            profile_hash=profile_hash, threads=threads)
 
 
 @task(name="validate", cache_policy=NO_CACHE)
-def validate(cellm_path: str, source: str, revision: str | None, source_hash: str) -> dict[str, Any]:
+def validate_task(cellm_path: str, source: str, revision: str | None, source_hash: str) -> dict[str, Any]:
     return pl.validate_step(cellm_path, source, revision, source_hash)
+
+
+@task(name="export-onnx", cache_key_fn=_record_key("onnx"), persist_result=True)
+def export_onnx_task(cellm_path: str, key_dir: str, key: str) -> dict[str, Any]:
+    return pl.export_step(cellm_path, key_dir)
+
+
+def _eval_cache_key(ctx, params: dict) -> str | None:
+    k = pl.eval_key(params["cellm_sha256"], params["source_hash"], params.get("settings") or {})
+    if pl.load_record(params["key_dir"], f"eval-{k}", verify=("report",)) is None:
+        return None
+    return pl.step_key("prefect", "eval", k, str(Path(params["key_dir"]).resolve()))
+
+
+@task(name="evaluate", cache_key_fn=_eval_cache_key, persist_result=True)
+def evaluate_task(cellm_path: str, source: str, revision: str | None, key_dir: str, source_hash: str,
+             cellm_sha256: str, settings: dict | None = None, threads: int | None = None) -> dict[str, Any]:
+    return pl.evaluate_step(cellm_path, source, revision, key_dir, source_hash=source_hash,
+                            cellm_sha256=cellm_sha256, settings=settings, threads=threads)
+
+
+@task(name="gate", cache_policy=NO_CACHE)
+def gate_task(eval_report: str, gate_class: str, gates_file: str | None) -> dict[str, Any]:
+    return pl.gate_step(eval_report, gate_class, gates_file)
+
+
+@task(name="publish", cache_policy=NO_CACHE)
+def publish_task(registry: str, cellm_path: str, source_name: str, profile: str, build_key: str, verdict: dict,
+            metrics: dict, onnx_dir: str | None, profile_hash: str, gate_hash: str) -> dict[str, Any]:
+    return pl.publish_step(registry, cellm_path, source_name=source_name, profile=profile,
+                           build_key=build_key, verdict=verdict, metrics=metrics, onnx_dir=onnx_dir,
+                           profile_hash=profile_hash, gate_hash=gate_hash)
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(summary: dict, work_dir: str) -> dict[str, Any]:
+    from cellm.report import write_run_report
+
+    from flows.report import create_run_artifacts
+
+    s = write_run_report(summary, work_dir)
+    s["artifacts"] = create_run_artifacts(s)
+    return s
 
 
 # -------------------------------------------------------------------------------------------- flows
 
 def run_build(flow_name: str, *, source: str, revision: str | None, profile: str | None,
               gate: str | None, registry: str, export_onnx: bool, evaluate: bool, publish: bool,
-              task_runner: str, shards: int, threads: int, work_dir: str):
+              task_runner: str, shards: int, threads: int, work_dir: str,
+              eval_settings: dict | None = None):
     """The one pipeline behind the three flows (called from inside a flow run)."""
     log = get_run_logger()
-    pl.check_build_params(source=source, registry=registry, threads=threads, shards=shards,
-                          task_runner=task_runner)
     profile = profile or PROFILES[flow_name]
     work_dir = str(Path(work_dir).resolve())
     timings: dict[str, float] = {}
@@ -124,28 +173,69 @@ def run_build(flow_name: str, *, source: str, revision: str | None, profile: str
         cached[name] = st.name == "Cached" or bool(isinstance(res, dict) and res.get("reused"))
         return res
 
-    src = step("fetch", fetch, source, revision)
+    inputs = step("check-inputs", check_inputs_task, source, profile, gate, registry, threads, shards, task_runner)
+    src = step("fetch", fetch_task, source, revision)
     log.info("source %s → %s (content %s)", source, src["path"], src["content_hash"][:16])
-    pln = step("plan", plan, source, revision, profile, src["content_hash"])
+    pln = step("plan", plan_task, source, revision, profile, src["content_hash"])
     log.info("profile %s (gate class %s): %s", pln["profile"], pln["gate_class"], pln["bytes_per_scheme"])
-    conv = step("convert", convert, source, revision, profile, work_dir, src["name"], src["content_hash"],
+    conv = step("convert", convert_task, source, revision, profile, work_dir, src["name"], src["content_hash"],
                 pln["profile_hash"], threads)
     log.info("artifact %s (%d bytes, sha256 %s, reused=%s)", conv["path"], conv["nbytes"], conv["sha256"],
              cached["convert"])
-    step("validate", validate, conv["path"], source, revision, src["content_hash"])
+    step("validate", validate_task, conv["path"], source, revision, src["content_hash"])
 
+    key_dir = str(Path(conv["path"]).parent)
     summary: dict[str, Any] = {
         "flow": flow_name, "source": source, "revision": revision, "source_name": src["name"],
         "source_hash": src["content_hash"], "commit": src.get("commit"), "profile": pln["profile"],
-        "profile_hash": pln["profile_hash"], "gate_class": gate or pln["gate_class"],
-        "key": conv["key"], "cellm_path": conv["path"], "sha256": conv["sha256"], "nbytes": conv["nbytes"],
-        "bytes_per_scheme": conv["bytes_per_scheme"], "tensors_per_scheme": pln["tensors_per_scheme"],
-        "registry": registry, "eval": None, "verdict": None, "published": None, "time": time.time(),
+        "profile_hash": pln["profile_hash"], "gate_class": inputs["gate_class"], "gate_file": inputs["gate_file"],
+        "gate_hash": inputs["gate_hash"], "key": conv["key"], "cellm_path": conv["path"], "sha256": conv["sha256"],
+        "nbytes": conv["nbytes"], "bytes_per_scheme": conv["bytes_per_scheme"],
+        "tensors_per_scheme": pln["tensors_per_scheme"], "registry": registry, "eval": None, "verdict": None,
+        "published": None, "onnx_dir": None, "eval_report": None, "time": time.time(),
+        "build_key": pl.build_key(src["content_hash"], pln["profile_hash"], inputs["gate_hash"],
+                                  pl.package_version(), inputs["gate_class"]),
     }
+    # export and evaluate only read the artifact: run them concurrently on the task runner
+    t0 = time.perf_counter()
+    exp_f = export_onnx_task.submit(conv["path"], key_dir, conv["key"]) if export_onnx else None
+    ev_f = (evaluate_task.submit(conv["path"], source, revision, key_dir, src["content_hash"], conv["sha256"],
+                            eval_settings or {}, threads) if evaluate else None)
+    for name, fut in (("export-onnx", exp_f), ("evaluate", ev_f)):
+        if fut is None:
+            continue
+        fut.wait()
+        st = fut.state
+        res = st.result()
+        timings[name] = round(time.perf_counter() - t0, 3)
+        cached[name] = st.name == "Cached" or bool(res.get("reused"))
+        if name == "export-onnx":
+            summary["onnx_dir"] = res["dir"]
+        else:
+            summary["eval"], summary["eval_report"], summary["eval_key"] = res["metrics"], res["report"], res["key"]
+
     status, reason = "built", None
-    if not evaluate:
-        reason = "evaluation switched off (no gate verdict, nothing to publish)"
+    if summary["eval"] is not None:
+        verdict = step("gate", gate_task, summary["eval_report"], inputs["gate_class"], inputs["gate_file"])
+        summary["verdict"] = verdict
+        log.info("%s", verdict["summary"])
+        if not verdict["passed"]:
+            status, reason = "blocked", verdict["reason"]
+        elif not publish:
+            reason = "publishing switched off (publish=False)"
+        else:
+            pub = step("publish", publish_task, registry, conv["path"], src["name"], pln["profile"],
+                       summary["build_key"], verdict, summary["eval"], summary["onnx_dir"], pln["profile_hash"],
+                       inputs["gate_hash"])
+            summary["published"] = pub
+            status = "published"
+            log.info("published %s to %s%s", pub["ref"], registry, " (already there)" if pub.get("reused") else "")
+    else:
+        reason = "evaluation switched off (evaluate=False): no gate verdict, nothing published"
     summary.update(status=status, reason=reason, timings=timings, cached=cached)
+    summary = step("report", report_task, summary, work_dir)
+    log.info("build %s: %s%s; report %s; plot %s", pln["profile"], status, f" ({reason})" if reason else "",
+             summary["report"], summary["plot"])
     return summary
 
 
@@ -153,7 +243,8 @@ _COMMON_DOC = """Parameters: source (spec: ``gemma-3-270m``, ``hf://org/name[@re
 a ``.gguf``), revision, profile (override the flow's default), gate (a gate class ``int8``/``int4``/``f16``
 or a thresholds TOML file), registry (``file://PATH`` or ``oci://HOST/REPO``), export_onnx, evaluate,
 publish, task_runner (``threads``, ``dask`` for a local cluster, or ``tcp://HOST:PORT`` of an existing
-Dask scheduler), shards (tensor shards for conversion; 0 = auto), threads (per conversion), work_dir."""
+Dask scheduler), shards (tensor shards for conversion; 0 = auto), threads (per conversion), work_dir,
+eval_settings (keyword arguments of ``cellm.eval.evaluate``, e.g. ``{"max_tokens": 2048}``)."""
 
 
 def _make_flow(flow_name: str):
@@ -170,11 +261,12 @@ def _make_flow(flow_name: str):
         shards: int = 1,
         threads: int = 2,
         work_dir: str = DEFAULT_WORK_DIR,
+        eval_settings: dict | None = None,
     ):
         summary = run_build(
             flow_name, source=source, revision=revision, profile=profile, gate=gate, registry=registry,
             export_onnx=export_onnx, evaluate=evaluate, publish=publish, task_runner=task_runner,
-            shards=shards, threads=threads, work_dir=work_dir,
+            shards=shards, threads=threads, work_dir=work_dir, eval_settings=eval_settings,
         )
         if summary["status"] == "blocked":
             return Completed(name="Blocked", message=f"blocked: {summary['reason']}", data=summary)
