@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import os.path
 
-from cellm.errors import InvalidNameError, RegistryError
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cellm.errors import InvalidNameError, ManifestError, RegistryError
+from cellm.registry.manifest import check_relpath
 from cellm.registry.names import (
     NAME_PATTERN,
     Ref,
@@ -68,3 +73,23 @@ def test_parse_ref_forms():
 def test_version_natural_order():
     vs = ["0.10.0", "0.9.0", "0.9.1", "2026.11.28-1", "2026.2.1-1", "1.0.0"]
     assert sorted(vs, key=version_sort_key) == ["0.9.0", "0.9.1", "0.10.0", "1.0.0", "2026.2.1-1", "2026.11.28-1"]
+
+
+# ---------------------------------------------------------------------- manifest paths (hypothesis)
+
+_parts = st.sampled_from(["a", "b.onnx", "..", ".", "", "x..y", "c\\d", "e.part", "manifest.json", "~"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_parts, min_size=1, max_size=5), st.booleans())
+def test_accepted_manifest_paths_never_escape_the_bundle(parts, absolute):
+    path = ("/" if absolute else "") + "/".join(parts)
+    root = "/bundle/root"
+    try:
+        rel = check_relpath(path)
+    except ManifestError:
+        return
+    resolved = os.path.normpath(os.path.join(root, rel))
+    assert resolved.startswith(root + "/") and resolved != root
+    assert ".." not in rel.split("/") and not rel.startswith("/") and "\\" not in rel
+    assert rel != "manifest.json" and not rel.endswith(".part")
