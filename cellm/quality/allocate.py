@@ -1,0 +1,200 @@
+"""Budgeted allocation: one scheme per tensor minimising the predicted KL under a byte budget.
+
+Model: the KL of a mixed model is predicted as the SUM of the per-tensor KLs measured by
+``cellm.quality.sensitivity`` (small perturbations of different tensors add up to first order).
+That makes the choice a multiple-choice knapsack; we solve it with the classic greedy on each
+tensor's lower convex hull of (bytes, KL): start every tensor at its cheapest scheme, then
+repeatedly apply the upgrade with the largest KL reduction per extra byte that still fits. Ties are
+broken by tensor name, so the result is a deterministic function of the cached measurements.
+
+The result is written as an ordinary profile TOML (exact-name rules, then ``.*`` -> f16), with a
+comment header holding the budget, the predicted KL and the byte counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from cellm.errors import CellmError, ProfileError
+from cellm.quality.sensitivity import Sensitivity
+
+BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*x\s*-\s*([A-Za-z0-9._-]+)\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Allocation:
+    schemes: dict[str, str]  # tensor -> scheme (candidates only)
+    predicted_kl: float
+    total_bytes: int  # candidates + fixed tensors
+    budget_bytes: int
+    budget_spec: str
+
+    def bytes_by_scheme(self, sens: Sensitivity) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t, s in self.schemes.items():
+            out[s] = out.get(s, 0) + sens.nbytes[t][s]
+        return dict(sorted(out.items()))
+
+
+def profile_bytes(profile: str, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    from cellm.profile import load_profile
+
+    return load_profile(profile).plan(shapes).total_bytes
+
+
+def parse_budget(spec: str | int, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """``240000000`` / ``"240MB"`` / ``"0.55x-int8-v1"`` (a fraction of a profile's tensor bytes)."""
+    if isinstance(spec, int):
+        return spec
+    s = str(spec).strip()
+    m = BUDGET_RE.match(s)
+    if m:
+        return int(float(m.group(1)) * profile_bytes(m.group(2), shapes))
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    m = re.match(r"^([0-9]*\.?[0-9]+)\s*([A-Za-z]*)$", s)
+    if m and m.group(2).upper() in units:
+        return int(float(m.group(1)) * units[m.group(2).upper()])
+    raise CellmError(
+        f"budget {spec!r} not understood; use a byte count ('240000000', '240MB') or "
+        f"'<fraction>x-<profile>' such as '0.55x-int8-v1'"
+    )
+
+
+def _hull(options: list[tuple[int, float, str]]) -> list[tuple[int, float, str]]:
+    """Lower convex hull of (bytes, kl) options, cheapest first, KL strictly decreasing."""
+    options = sorted(options, key=lambda o: (o[0], o[1], o[2]))
+    pruned: list[tuple[int, float, str]] = []
+    for o in options:
+        if pruned and o[1] >= pruned[-1][1]:
+            continue  # costs more, no better
+        if pruned and o[0] == pruned[-1][0]:
+            pruned[-1] = o
+            continue
+        pruned.append(o)
+    hull: list[tuple[int, float, str]] = []
+    for o in pruned:
+        while len(hull) >= 2:
+            (b1, k1, _), (b2, k2, _) = hull[-2], hull[-1]
+            # slope hull[-2]->hull[-1] must be steeper (more KL saved per byte) than hull[-1]->o
+            if (k1 - k2) * (o[0] - b2) <= (k2 - o[1]) * (b2 - b1):
+                hull.pop()
+            else:
+                break
+        hull.append(o)
+    return hull
+
+
+def allocate(sens: Sensitivity, budget_bytes: int, *, candidates: Sequence[str] | None = None,
+             budget_spec: str = "", forced: Mapping[str, str] | None = None) -> Allocation:
+    """Greedy multiple-choice knapsack on the convex hulls. ``forced`` pins tensors to schemes."""
+    cands = tuple(candidates or sens.candidates)
+    forced = dict(forced or {})
+    hulls: dict[str, list[tuple[int, float, str]]] = {}
+    for t in sorted(sens.kl):
+        if t in forced:
+            s = forced[t]
+            hulls[t] = [(sens.nbytes[t][s], sens.kl[t][s], s)]
+            continue
+        opts = [(sens.nbytes[t][s], float(sens.kl[t][s]), s) for s in cands if s in sens.kl[t]]
+        if not opts:
+            raise CellmError(f"no candidate scheme measured for {t}; measured: {sorted(sens.kl[t])}")
+        hulls[t] = _hull(opts)
+    pos = {t: 0 for t in hulls}
+    used = sens.fixed_bytes + sum(h[0][0] for h in hulls.values())
+    if used > budget_bytes:
+        raise CellmError(
+            f"budget {budget_bytes} bytes is below the smallest possible size {used} bytes "
+            f"(every tensor at its cheapest candidate)"
+        )
+    while True:
+        best = None
+        for t, h in hulls.items():
+            i = pos[t]
+            if i + 1 >= len(h):
+                continue
+            db = h[i + 1][0] - h[i][0]
+            dk = h[i][1] - h[i + 1][1]
+            if used + db > budget_bytes:
+                continue
+            ratio = dk / max(db, 1)
+            key = (ratio, t)
+            if best is None or key > best[0]:
+                best = (key, t, db)
+        if best is None:
+            break
+        _, t, db = best
+        pos[t] += 1
+        used += db
+    schemes = {t: hulls[t][pos[t]][2] for t in hulls}
+    kl = sum(hulls[t][pos[t]][1] for t in hulls)
+    return Allocation(schemes=schemes, predicted_kl=float(kl), total_bytes=int(used),
+                      budget_bytes=int(budget_bytes), budget_spec=budget_spec or str(budget_bytes))
+
+
+def profile_toml(alloc: Allocation, sens: Sensitivity, *, name: str = "mixed-int4",
+                 gate_class: str = "int4", description: str | None = None,
+                 extra_comment: Sequence[str] = ()) -> str:
+    """The allocation as a reviewable profile: exact-name rules (sorted), then '.*' -> f16."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ProfileError(f"profile name {name!r} must be a [A-Za-z0-9._-] string")
+    by = alloc.bytes_by_scheme(sens)
+    lines = [
+        f"# Generated by `cellm quality allocate` (cellm.quality.allocate) — measured, not hand-tuned.",
+        f"# Budget: {alloc.budget_spec} = {alloc.budget_bytes} bytes of tensor data;"
+        f" allocated {alloc.total_bytes} bytes ({alloc.total_bytes / 1e6:.1f} MB).",
+        f"# Predicted mean KL (sum of per-tensor sensitivities): {alloc.predicted_kl:.5f}",
+        f"# Sensitivity: probe {sens.probe} measured alone per tensor on {sens.n_tokens} calibration"
+        f" tokens; other schemes scaled by the output-error ratio tr(dW H dW^T).",
+        f"# Source content hash: {sens.source_hash}",
+        "# Bytes per scheme: " + ", ".join(f"{s} {b}" for s, b in by.items()),
+    ]
+    lines += [f"# {c}" for c in extra_comment]
+    desc = description or (
+        f"sensitivity-driven mixed precision under {alloc.budget_spec}: "
+        + ", ".join(f"{sum(1 for v in alloc.schemes.values() if v == s)} x {s}" for s in by)
+    )
+    lines += [
+        f'name = "{name}"',
+        f'description = "{desc}"',
+        f'gate_class = "{gate_class}"',
+        "",
+    ]
+    for t in sorted(alloc.schemes):
+        s = alloc.schemes[t]
+        if s == "f16":
+            continue  # the final catch-all keeps it f16
+        lines += [
+            "[[rules]]",
+            f"pattern = '{re.escape(t)}'",
+            "ndim = 2",
+            f'scheme = "{s}"',
+            f'note = "predicted KL {sens.kl[t][s]:.2e}"',
+            "",
+        ]
+    lines += ["[[rules]]", "pattern = '.*'", 'scheme = "f16"', 'note = "norms and unallocated tensors"', ""]
+    return "\n".join(lines)
+
+
+def write_profile(path: str | Path, text: str) -> Path:
+    from cellm.profile import parse_profile
+    from cellm.quality.sensitivity import write_json_atomic  # noqa: F401  (same atomic pattern)
+    import os
+    import tempfile
+
+    parse_profile(text.encode("utf-8"), str(path))  # must be a valid profile
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
