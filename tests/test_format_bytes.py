@@ -275,3 +275,27 @@ def test_writer_is_atomic(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["atomic.cellm"]
     with CellmReader(p) as r:
         np.testing.assert_array_equal(r.view("x"), np.ones(2, np.float16))
+
+
+def test_write_part_streams_row_chunks(tmp_path):
+    a = np.arange(12, dtype=np.int8).reshape(4, 3)
+    s = np.ones(4, np.float16)
+    specs = [make_spec("a", "i8", (4, 3)), make_spec("a.qscale", "f16", (4,))]
+    p1, p2 = tmp_path / "one.cellm", tmp_path / "parts.cellm"
+    write_cellm(p1, BASE, {"a": ("i8", (4, 3), a), "a.qscale": ("f16", (4,), s)})
+    with CellmWriter(p2, BASE, specs) as w:
+        w.write_part("a", a[:1], first=True, last=False)
+        with pytest.raises(FormatError, match="while tensor 'a' is being written in pieces"):
+            w.write("a", a)
+        w.write_part("a", a[1:3], first=False, last=False)
+        w.write_part("a", a[3:], first=False, last=True)
+        w.write_part("a.qscale", s, first=True, last=True)
+    assert p1.read_bytes() == p2.read_bytes()
+    w = CellmWriter(tmp_path / "bad.cellm", BASE, specs)
+    with pytest.raises(FormatError, match="first piece was not marked first=True"):
+        w.write_part("a", a[:1], first=False, last=False)
+    w.write_part("a", a[:2], first=True, last=False)
+    with pytest.raises(FormatError, match="pieces total 9 bytes, expected 12"):
+        w.write_part("a", a[2:3], first=False, last=True)
+    w.abort()
+    assert sorted(os.listdir(tmp_path)) == ["one.cellm", "parts.cellm"]

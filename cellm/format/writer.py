@@ -126,6 +126,7 @@ class CellmWriter:
         self.header = json.loads(blob)
         self._next = 0
         self._pos = 0
+        self._piece_bytes: int | None = None  # bytes of the tensor being written in pieces
         self._closed = False
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         self._tmp = Path(tmp)
@@ -146,6 +147,21 @@ class CellmWriter:
         while self._pos < target:
             self._emit(_ZEROS[: min(ALIGNMENT, target - self._pos)])
 
+    @staticmethod
+    def _bytes_of(entry: dict[str, Any], data: Any) -> memoryview:
+        if isinstance(data, np.ndarray):
+            storage = DTYPES[entry["dtype"]].storage
+            if data.dtype != storage and data.dtype != np.uint8:
+                raise FormatError(
+                    f"tensor {entry['name']!r} (dtype {entry['dtype']}): got a {data.dtype} array, "
+                    f"expected {storage} storage (or raw uint8 bytes)"
+                )
+            return memoryview(np.ascontiguousarray(data)).cast("B")
+        try:
+            return memoryview(data).cast("B")
+        except TypeError as exc:
+            raise FormatError(f"tensor {entry['name']!r}: data of type {type(data).__name__} is not bytes-like") from exc
+
     # ------------------------------------------------------------------ API
     @property
     def names(self) -> list[str]:
@@ -157,19 +173,13 @@ class CellmWriter:
             raise FormatError(f"write({name!r}) on a closed writer")
         if self._next >= len(self.entries):
             raise FormatError(f"write({name!r}): all {len(self.entries)} tensors were already written")
+        if self._piece_bytes is not None:
+            raise FormatError(f"write({name!r}) while tensor {self.entries[self._next]['name']!r} is "
+                              f"being written in pieces")
         entry = self.entries[self._next]
         if name != entry["name"]:
             raise FormatError(f"write({name!r}) out of order: expected tensor {entry['name']!r} next")
-        if isinstance(data, np.ndarray):
-            storage = DTYPES[entry["dtype"]].storage
-            if data.dtype != storage and data.dtype != np.uint8:
-                raise FormatError(
-                    f"tensor {name!r} (dtype {entry['dtype']}): got a {data.dtype} array, expected "
-                    f"{storage} storage (or raw uint8 bytes)"
-                )
-            buf = memoryview(np.ascontiguousarray(data)).cast("B")
-        else:
-            buf = memoryview(data).cast("B")
+        buf = self._bytes_of(entry, data)
         if buf.nbytes != entry["nbytes"]:
             raise FormatError(
                 f"tensor {name!r} ({entry['dtype']} {entry['shape']}): got {buf.nbytes} bytes, "
@@ -178,6 +188,35 @@ class CellmWriter:
         self._pad_to(entry["offset_bytes"])
         self._emit(buf)
         self._next += 1
+
+    def write_part(self, name: str, data: np.ndarray | bytes | bytearray | memoryview, *,
+                   first: bool, last: bool) -> None:
+        """Write the next tensor in consecutive pieces (e.g. row chunks of a quantized tensor):
+        ``first`` marks its first piece, ``last`` its final one; the pieces must add up to nbytes."""
+        if first and last:
+            self.write(name, data)
+            return
+        if self._closed or self._next >= len(self.entries):
+            raise FormatError(f"write_part({name!r}) with no tensor left to write")
+        entry = self.entries[self._next]
+        if name != entry["name"]:
+            raise FormatError(f"write_part({name!r}) out of order: expected tensor {entry['name']!r} next")
+        buf = self._bytes_of(entry, data)
+        if first:
+            self._pad_to(entry["offset_bytes"])
+            self._piece_bytes = 0
+        elif self._piece_bytes is None:
+            raise FormatError(f"write_part({name!r}): its first piece was not marked first=True")
+        self._piece_bytes += buf.nbytes
+        if self._piece_bytes > entry["nbytes"] or (last and self._piece_bytes != entry["nbytes"]):
+            raise FormatError(
+                f"tensor {name!r} ({entry['dtype']} {entry['shape']}): pieces total "
+                f"{self._piece_bytes} bytes, expected {entry['nbytes']}"
+            )
+        self._emit(buf)
+        if last:
+            self._next += 1
+            self._piece_bytes = None
 
     def close(self) -> Path:
         """Finish: every tensor must have been written; fsync + atomic rename. Returns the path."""
