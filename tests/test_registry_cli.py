@@ -127,3 +127,16 @@ def test_bad_refs_on_the_cli(env, capsys):
     assert main(["show", "nothing-here"]) == 2
     assert "not found" in capsys.readouterr().err
     assert main(["ls", "nothing-here"]) == 2
+
+
+def test_ls_shows_a_broken_version_without_hiding_the_others(env, capsys):
+    tmp, files, url = env
+    for v in ("1.0.0", "1.1.0"):
+        assert _publish(files, f"g:{v}", "--verdict", str(tmp / "pass.json")) == 0
+    bad = tmp / "reg/names/g/versions/1.0.0/manifest.json"
+    os.chmod(bad, 0o644)
+    bad.write_text("{broken")
+    capsys.readouterr()
+    assert main(["ls", "g"]) == 0
+    out = capsys.readouterr().out
+    assert "g:1.0.0  BROKEN:" in out and "not valid JSON" in out and "g:1.1.0" in out and "passed" in out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from cellm.errors import CellmError
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("ls", help="list artifacts in a registry (names, or versions of NAME)")
@@ -36,10 +38,14 @@ def run(args) -> int:
     channels = reg.list_channels(args.name)
     rows = []
     for v in versions:
-        m = reg.show(f"{args.name}:{v}")
+        chans = sorted(c for c, cv in channels.items() if cv == v)
+        try:
+            m = reg.show(f"{args.name}:{v}")
+        except CellmError as exc:  # one broken version must not hide the others
+            rows.append({"version": v, "error": str(exc), "channels": chans})
+            continue
         rows.append({"version": v, "created": m.created, "profile": m.profile, "bytes": m.total_bytes,
-                     "passed": m.passed, "forced": m.forced,
-                     "channels": sorted(c for c, cv in channels.items() if cv == v)})  # fmt: skip
+                     "passed": m.passed, "forced": m.forced, "channels": chans})  # fmt: skip
     if args.json:
         print(json.dumps({"name": args.name, "versions": rows, "channels": channels}, indent=2))
         return 0
@@ -48,6 +54,9 @@ def run(args) -> int:
 
         raise RegistryNotFound(f"no versions of {args.name!r} in {reg.url}; names: {reg.list_names()}")
     for r in rows:
+        if "error" in r:
+            print(f"{args.name}:{r['version']}  BROKEN: {r['error']}")
+            continue
         gate = "FORCED-UNSAFE" if r["forced"] else ("passed" if r["passed"] else "NOT-PASSED")
         ch = f"  [{', '.join(r['channels'])}]" if r["channels"] else ""
         print(f"{args.name}:{r['version']}  {r['created']}  {r['profile']}  {r['bytes']} B  {gate}{ch}")
