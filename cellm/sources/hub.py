@@ -41,21 +41,24 @@ def _hub_cache() -> str:
     return os.environ.get("HF_HUB_CACHE") or str(constants.HF_HUB_CACHE)
 
 
-def _refuse_if_pickle_only(repo: str, revision: str | None, cache: str) -> None:
-    """Online only: list the repo's files and refuse pickle-only repos before downloading anything."""
+def _refuse_if_pickle_only(repo: str, revision: str | None) -> bool:
+    """Online only: list the repo's files and refuse pickle-only repos before downloading anything.
+
+    Returns False when the Hub cannot be reached (the caller then resolves from the cache only)."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
         files = HfApi().list_repo_files(repo, revision=revision)
-    except (RepositoryNotFoundError, RevisionNotFoundError):
-        return  # snapshot_download reports these with the cache fallback
-    except (HfHubHTTPError, OSError, Exception):  # noqa: BLE001 - unreachable hub: let snapshot_download decide
-        return
+    except (RepositoryNotFoundError, RevisionNotFoundError, HfHubHTTPError):
+        return True  # snapshot_download reports these (with the cache fallback)
+    except Exception:  # noqa: BLE001 - connection errors of any HTTP stack: the Hub is unreachable
+        return False
     if not any(f.endswith(".safetensors") for f in files):
         pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
         if pickles:
             raise refuse_pickle(f"hf://{repo}", pickles)
+    return True
 
 
 def open_hf(spec: str, revision: str | None = None) -> Checkpoint:
@@ -70,8 +73,7 @@ def open_hf(spec: str, revision: str | None = None) -> Checkpoint:
     repo, rev = parse_hf_spec(spec, revision)
     cache = _hub_cache()
     offline = _offline()
-    if not offline:
-        _refuse_if_pickle_only(repo, rev, cache)
+    reachable = offline or _refuse_if_pickle_only(repo, rev)
     where = f"hf://{repo}" + (f"@{rev}" if rev else "")
     try:
         snap = snapshot_download(
@@ -79,7 +81,7 @@ def open_hf(spec: str, revision: str | None = None) -> Checkpoint:
             revision=rev,
             cache_dir=cache,
             allow_patterns=ALLOW_PATTERNS,
-            local_files_only=offline,
+            local_files_only=offline or not reachable,
         )
     except RevisionNotFoundError as exc:
         raise SourceNotFoundError(f"{where}: revision {rev!r} does not exist") from exc
