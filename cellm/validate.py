@@ -345,7 +345,7 @@ class _Validator:
 
     # -------------------------------------------------------------- numerics
     def numerics(self, source) -> None:
-        from cellm.quant.schemes import get_scheme
+        from cellm.quant.schemes import get_scheme, scheme_for_dtype
 
         schemes = self.header.get("cellm_schemes") if isinstance(self.header.get("cellm_schemes"), dict) else {}
         src_names = set(source.tensor_names())
@@ -357,7 +357,10 @@ class _Validator:
                          f"shape {list(info.shape)} differs from the source's {list(source.shape(name))}")
                 continue
             try:
-                scheme = get_scheme(schemes.get(name, info.dtype))
+                if name in schemes:
+                    scheme = get_scheme(schemes[name])
+                else:
+                    scheme = scheme_for_dtype(info.dtype, name + ZERO_SUFFIX in self.tensors)
                 parts = {"": self.storage(info)}
                 for suf in COMPANION_SUFFIXES:
                     if name + suf in self.tensors:

@@ -254,3 +254,15 @@ def test_random_corruption_never_raises(good, tmp_path):
 def test_missing_file(tmp_path):
     rep = validate(tmp_path / "nope.cellm")
     assert not rep.ok and rep.problems[0].kind == "io"
+
+
+@pytest.mark.parametrize("profile", ["int8-v1", "mixed-int4"])
+def test_file_without_cellm_keys_validates_by_dtype(good, tiny_ckpt, tmp_path, profile):
+    """An upstream-style file (no cellm_* keys) is checked with the dtype's own RTN scheme."""
+
+    def edit(h, d):
+        for k in [k for k in h if k.startswith("cellm_") and k != "cellm_extensions"]:
+            del h[k]
+
+    rep = validate(rewrite(good[profile], tmp_path / "up.cellm", edit), source=str(tiny_ckpt))
+    assert rep.ok, rep.problems
