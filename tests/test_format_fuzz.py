@@ -104,3 +104,29 @@ def test_deeply_nested_header(tmp_path):
     p.write_bytes(b"CELLM\x01" + struct.pack("<I", len(blob)) + blob)
     with pytest.raises(FormatError):
         CellmReader(p)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(
+    st.integers(0, 20),
+    st.sampled_from(["dtype", "shape", "offset_bytes", "nbytes", "name"]),
+    st.one_of(
+        st.sampled_from(["f16", "i8", "i4", "u4", "q4g32", "q4g64", "q4g128", "bf16", ""]),
+        st.lists(st.integers(0, 300), max_size=3),
+        st.integers(0, 2000),
+        st.sampled_from(["a", "b", "c", "c.qzero", "c.qscale", "d.qscale", "n"]),
+    )), min_size=1, max_size=4))
+def test_fuzz_plausible_entries(valid_bytes, tmp_path, edits):
+    """Well-typed but inconsistent tensor entries (dtype/shape/nbytes/companions) never crash."""
+    import json
+    import struct
+
+    hlen = struct.unpack("<I", valid_bytes[6:10])[0]
+    h = json.loads(valid_bytes[10:10 + hlen])
+    for i, key, value in edits:
+        h["tensors"][i % len(h["tensors"])][key] = value
+    blob = json.dumps(h, separators=(",", ":")).encode()
+    data = b"CELLM\x01" + struct.pack("<I", len(blob)) + blob + valid_bytes[10 + hlen:]
+    p = tmp_path / "e.cellm"
+    p.write_bytes(data)
+    _exercise(p)
