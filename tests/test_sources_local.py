@@ -113,6 +113,9 @@ def test_multimodal_prefix_and_vision_tensors(tmp_path):
     out.mkdir()
     write_safetensors(out / "model.safetensors", stored)
     (out / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": cfg.to_hf_dict(5)}))
+    # an extra vision-tower shard in a dtype cellm does not read is ignored, not refused
+    header = json.dumps({"vision_tower.pos_ids": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}}).encode()
+    (out / "vision.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
     ck = open_source(str(out))
     assert ck.tensor_names() == sorted(w)
     np.testing.assert_array_equal(ck.load("model.layers.0.self_attn.q_proj.weight"), w["model.layers.0.self_attn.q_proj.weight"])

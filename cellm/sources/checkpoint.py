@@ -92,7 +92,7 @@ class Checkpoint:
         files = self._weight_files(p)
         entries: dict[str, StEntry] = {}
         for f in files:
-            stored, _meta = read_header(p / f)
+            stored, _meta = read_header(p / f, keep=lambda n: text_name(n) is not None)
             for sname, entry in stored.items():
                 tname = text_name(sname)
                 if tname is None:

@@ -33,8 +33,11 @@ class StEntry:
     nbytes: int
 
 
-def read_header(path: Path) -> tuple[dict[str, StEntry], dict]:
-    """Parse and bounds-check a safetensors header; returns (entries by stored name, metadata)."""
+def read_header(path: Path, keep=None) -> tuple[dict[str, StEntry], dict]:
+    """Parse and bounds-check a safetensors header; returns (entries by stored name, metadata).
+
+    ``keep(name) -> bool`` selects the entries to check and return (default: all).
+    """
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -61,6 +64,8 @@ def read_header(path: Path) -> tuple[dict[str, StEntry], dict]:
     base = 8 + n
     out: dict[str, StEntry] = {}
     for name, info in header.items():
+        if keep is not None and not keep(name):
+            continue
         try:
             dtype = str(info["dtype"])
             shape = tuple(int(d) for d in info["shape"])
