@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from cellm.errors import QuantizationError
-from cellm.quant.clip import quantize_clip
-from cellm.quant.gptq import gptq_quantize
+from cellm.quant.clip import clip_scales, codes_for, quantize_clip
+from cellm.quant.groupwise import pack_groupwise
+from cellm.quant.gptq import GPTQ_ALPHAS, gptq_quantize
 from cellm.quant.schemes import dequantize_parts, get_scheme
 
 
@@ -75,7 +76,8 @@ def test_identity_hessian_reduces_to_clip_rounding():
     w, _ = _problem(n=32, k=64, seed=3)
     h = np.eye(64, dtype=np.float32)
     parts = get_scheme("q4g32-gptq").quantize(w, hessian=h)
-    ref = quantize_clip(w, 32, importance=np.ones(64, np.float32))
+    sc, zp = clip_scales(w, 32, importance=np.ones(64, np.float32), alphas=GPTQ_ALPHAS)
+    ref = pack_groupwise(codes_for(w, 32, sc, zp), sc, zp, 32)
     for k in ref:
         np.testing.assert_array_equal(parts[k], ref[k])
 

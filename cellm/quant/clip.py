@@ -33,7 +33,7 @@ from cellm.quant.groupwise import (
 )
 
 # shrink factors tried per block (1.0 = plain RTN range); descending so ties keep the wider range
-ALPHAS = tuple(np.round(np.arange(1.0, 0.499, -0.025), 4).tolist())
+ALPHAS = tuple(np.round(np.arange(1.0, 0.599, -0.05), 4).tolist())
 _CHUNK = 1 << 18
 
 

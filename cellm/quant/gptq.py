@@ -26,11 +26,14 @@ import numpy as np
 
 from cellm.errors import QuantizationError
 from cellm.format.constants import GROUP_SIZES, TensorSpec
-from cellm.quant.clip import ALPHAS, clip_search_block
+from cellm.quant.clip import clip_search_block
 from cellm.quant.common import as_f32_2d, raise_nonfinite
 from cellm.quant.groupwise import GroupwiseScheme, dequantize_groupwise, n_blocks, pack_groupwise
 
 DEFAULT_DAMP = 0.01
+# range shrink factors searched per group inside the sweep (a coarse grid: measured on Gemma-3 270M
+# layers it matches the fine clip grid's output error, at a third of the cost)
+GPTQ_ALPHAS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 _LAZY = 128
 _ROW_CHUNK = 1 << 22  # elements of W swept at once
 
@@ -92,7 +95,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, block: int, damp: float = 
 def _sweep(wk, u, diag_h, block, clip, codes, scales, zeros) -> None:
     """One row slice: wk [R, kp] float32 (modified), outputs written into the given views."""
     kp = wk.shape[1]
-    alphas = ALPHAS if clip else (1.0,)
+    alphas = GPTQ_ALPHAS if clip else (1.0,)
     wt_all = wk.T.copy()  # [kp, R]: columns contiguous
     for c0 in range(0, kp, _LAZY):
         c1 = min(kp, c0 + _LAZY)
