@@ -189,3 +189,18 @@ def test_exact_name_rules_express_per_tensor_allocation():
     assert s["model.layers.1.mlp.down_proj.weight"] == "q4g32-sym"
     assert s["model.layers.0.mlp.down_proj.weight"] == "q4g64"
     assert s["model.layers.1.self_attn.q_proj.weight"] == "f16"
+
+
+@pytest.mark.parametrize("name", list_profiles())
+def test_every_shipped_profile_plans_both_sizes(name):
+    """Any profile file added under cellm/profiles/ must cover the real Gemma-3 tensor sets."""
+    from cellm.synthetic import gemma3_1b_config
+
+    prof = load_profile(name)
+    assert prof.name == name  # file stem == profile name
+    for cfg in (gemma3_270m_config(), gemma3_1b_config()):
+        plan = prof.plan(expected_tensors(cfg))
+        assert plan.total_bytes > 0
+        for e in plan.entries:
+            if len(e.shape) == 1:
+                assert e.scheme == "f16", e.name

@@ -39,7 +39,7 @@ def run(args) -> int:
         return 0
     print(f"profile {prof.name} ({prof.description}); gate class {prof.gate_class}")
     for r in prof.rules:
-        print(f"  rule {r.index}: {r.pattern!r}{' ndim=%d' % r.ndim if r.ndim else ''} -> {r.scheme}"
+        print(f"  rule {r.index}: '{r.pattern}'{' ndim=%d' % r.ndim if r.ndim else ''} -> {r.scheme}"
               f"{'  # ' + r.note if r.note else ''}")
     w = max([len(e.name) for e in plan.entries] + [6])
     print(f"{'tensor':<{w}}  {'shape':<16} {'scheme':<10} {'bytes':>14}")
