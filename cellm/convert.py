@@ -130,7 +130,7 @@ def _scheme(name: str):
     return get_scheme(name)
 
 
-def _process(source, entry, rows: slice | None) -> dict[str, np.ndarray]:
+def _process(source, entry, rows: slice | None, calibration: Any = None) -> dict[str, np.ndarray]:
     w = source.load(entry.name, rows=rows) if rows is not None else source.load(entry.name)
     w = np.asarray(w)
     if len(entry.shape) >= 2:
@@ -138,7 +138,10 @@ def _process(source, entry, rows: slice | None) -> dict[str, np.ndarray]:
     else:
         w = w.reshape(entry.shape)
     try:
-        return _scheme(entry.scheme).quantize(w)
+        scheme = _scheme(entry.scheme)
+        if getattr(scheme, "needs_calibration", False):  # e.g. q4g32-gptq (cellm.quality)
+            return scheme.quantize(w, hessian=calibration.hessian(entry.name))
+        return scheme.quantize(w)
     except QuantizationError as exc:
         where = f" rows {rows.start}:{rows.stop}" if rows is not None else ""
         raise QuantizationError(f"tensor {entry.name}{where}: {exc}") from exc
@@ -196,6 +199,7 @@ def convert(
     out_dir: str | os.PathLike = ".",
     progress: Progress | None = None,
     threads: int = 2,
+    calibration: Any = None,
 ) -> ConvertResult:
     """Convert ``source`` (a spec string/path or an open Checkpoint) with ``profile``."""
     if isinstance(source, (str, os.PathLike)):
@@ -205,6 +209,11 @@ def convert(
     prof = load_profile(profile)
     shapes = {n: tuple(source.shape(n)) for n in source.tensor_names()}
     plan = prof.plan(shapes)
+    if calibration is None and any(getattr(_scheme(e.scheme), "needs_calibration", False) for e in plan.entries):
+        # calibration-based schemes (cellm.quality): X^T X per weight input, cached per source
+        from cellm.quality.calibration import calibration_stats
+
+        calibration = calibration_stats(source)
     final = Path(out) if out is not None else Path(out_dir) / default_output_name(source.name, prof.name)
     if final.suffix != ".cellm":
         raise CellmError(f"output {str(final)!r} must end in .cellm")
@@ -229,7 +238,7 @@ def convert(
                     nxt = next(items, None)
                     if nxt is None:
                         return
-                    window.append((nxt[0], nxt[1], pool.submit(_process, source, *nxt)))
+                    window.append((nxt[0], nxt[1], pool.submit(_process, source, *nxt, calibration)))
 
             fill()
             companions: dict[str, list[np.ndarray]] = collections.defaultdict(list)
