@@ -129,26 +129,35 @@ class RowwiseScheme:
         step = next(row_chunks(rows, cols)).stop
         buf = np.empty((step, cols), dtype=np.float32)
         tmp = np.empty((step, cols), dtype=np.float32)
+        # int8 codes, rows padded to an even length so byte pairs can be read as uint16
+        ibuf = np.zeros((step, 2 * half), dtype=np.int8)
+        pairs = np.empty((step, half), dtype=np.uint16)
         for sl in row_chunks(rows, cols):
             n = sl.stop - sl.start
             x, t = buf[:n], tmp[:n]
             np.divide(w[sl], scale[sl, None], out=x)  # f32 division with the f32 scale
-            round_half_away(x, t)
+            # round half away from zero = trunc(x + copysign(HALF_DOWN, x)); the float->int cast
+            # below truncates toward zero, so the explicit trunc is only needed before a clamp
+            np.copysign(HALF_DOWN, x, out=t)
+            np.add(x, t, out=x)
             if need_clip:
+                np.trunc(x, out=x)
                 np.clip(x, -qmax, qmax, out=x)
             if self.bits == 8:
                 np.copyto(main[sl], x, casting="unsafe")
-            else:
-                # byte = (q_even + 8) + 16 * (q_odd + 8), assembled exactly in float32
-                p = t[:, :half]
-                if cols % 2:
-                    p[:, -1] = np.float32(0.0)
-                    np.multiply(x[:, 1::2], np.float32(16.0), out=p[:, :-1])
-                else:
-                    np.multiply(x[:, 1::2], np.float32(16.0), out=p)
-                p += x[:, 0::2]
-                p += np.float32(136.0)
-                np.copyto(main[sl], p, casting="unsafe")
+                continue
+            q = ibuf[:n]
+            np.copyto(q[:, :cols], x, casting="unsafe")
+            u = q.view(np.uint8)
+            u[:, :cols] += np.uint8(8)  # nibble q + 8 in [1, 15] (two's complement wrap-around)
+            if cols % 2:
+                u[:, cols] = 8  # pad nibble (q = 0)
+            # little endian: pair = lo + 256*hi  ->  low byte of (pair | pair >> 4) = lo | hi << 4
+            v = u.view(np.uint16)
+            pr = pairs[:n]
+            np.right_shift(v, 4, out=pr)
+            np.bitwise_or(pr, v, out=pr)
+            np.copyto(main[sl], pr, casting="unsafe")
         return {"": main, SCALE_SUFFIX: s16}
 
     def dequantize(self, parts: dict[str, np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
