@@ -75,8 +75,8 @@ class OrtCausalLM:
     def new_state(self) -> OrtState:
         return OrtState(pos=0, capacity=0, kv=[])
 
-    def forward(self, ids: np.ndarray, state: OrtState) -> np.ndarray:
-        """Logits float32 [T, V] for ``ids`` int64 [T]; appends to ``state``."""
+    def forward(self, ids: np.ndarray, state: OrtState, *, last_only: bool = False) -> np.ndarray:
+        """Logits float32 [T, V] (or [1, V] with ``last_only``) for ``ids`` int64 [T]; appends to ``state``."""
         import onnxruntime as ort
 
         cfg = self.config
@@ -106,8 +106,8 @@ class OrtCausalLM:
             io.bind_ortvalue_output(f"present.{i}.value", v)
         self.session.run_with_iobinding(io)
         state.pos = total
-        out = io.get_outputs()[0].numpy()
-        return out.reshape(t, cfg.vocab_size).astype(np.float32, copy=False)
+        out = io.get_outputs()[0].numpy().reshape(t, cfg.vocab_size)
+        return (out[-1:] if last_only else out).astype(np.float32, copy=False)
 
     # ------------------------------------------------------------------ cache
     def _grow(self, state: OrtState, needed: int) -> None:

@@ -191,12 +191,22 @@ def export_onnx(cellm_path: str | os.PathLike, out_dir: str | os.PathLike, *, ac
             notice = src.with_name(src.stem + ".NOTICE")
             if notice.is_file():
                 shutil.copyfile(notice, tmp / "NOTICE")
+            _publishable_modes(tmp)
             _fsync_dir(tmp)
             _replace_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out
+
+
+def _publishable_modes(tmp: Path) -> None:
+    """mkdtemp makes 0700 and onnx writes 0600: give the folder the modes a plain mkdir/open would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    for f in tmp.iterdir():
+        os.chmod(f, 0o666 & ~umask)
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

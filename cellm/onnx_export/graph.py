@@ -228,34 +228,65 @@ def make_qk_norm(g: GraphBuilder, hf_name: str, x: str, w: np.ndarray, heads: in
     return g.one("Reshape", f"{p}/Reshape_out", [y, g.ints([0, -1, heads * head_dim])])
 
 
+def pack_rows(ws: list[Weight]) -> Weight | None:
+    """Concatenate weights along N (output rows) when they share one storage layout, else None.
+
+    Same bits/block size: B and scales concatenate; a symmetric part gets the explicit default zero
+    point (8 / 128, packed) when another part is asymmetric — the same dequantized values.
+    """
+    if all(isinstance(w, NBits) for w in ws):
+        first = ws[0]
+        if any(w.bits != first.bits or w.block_size != first.block_size or w.k != first.k for w in ws):
+            return None
+        zps = None
+        if any(w.zero_points is not None for w in ws):
+            zps = []
+            for w in ws:
+                if w.zero_points is not None:
+                    zps.append(w.zero_points)
+                elif w.bits == 4:
+                    zps.append(np.full((w.n, (w.n_blocks + 1) // 2), 0x88, dtype=np.uint8))
+                else:
+                    zps.append(np.full((w.n, w.n_blocks), 128, dtype=np.uint8))
+            zps = np.concatenate(zps, axis=0)
+        return NBits(sum(w.n for w in ws), first.k, first.bits, first.block_size,
+                     np.concatenate([w.b for w in ws], axis=0), np.concatenate([w.scales for w in ws], axis=0), zps)
+    if all(not isinstance(w, NBits) for w in ws) and len({w.dtype for w in ws}) == 1:
+        return np.concatenate(ws, axis=0)
+    return None
+
+
 def make_attention(g: GraphBuilder, ws: WeightSource, i: int, x: str, mask: tuple[str, str],
                    rope: tuple[str, str], opts: GraphOptions) -> str:
     """One self-attention block.
 
-        x ─┬─► q_proj ─► q_norm ─┐
-           ├─► k_proj ─► k_norm ─┼─► GroupQueryAttention(rotary, past_key_values.i.*, window) ─► o_proj ─► out
-           └─► v_proj ───────────┘        └─► present.i.key / present.i.value
+        x ─► qkv_proj (q|k|v rows packed) ─► Split ─┬─► q ─► q_norm ─┐
+                                                    ├─► k ─► k_norm ─┼─► GroupQueryAttention(rotary, window,
+                                                    └─► v ───────────┘     past_key_values.i.*) ─► o_proj ─► out
+                                                                             └─► present.i.key / .value
+    When q/k/v are stored in different formats they stay three projections (no Split).
     """
     cfg = ws.config
     hf = f"model.layers.{i}.self_attn"
     p = f"/model/layers.{i}/attn"
-    eps = cfg.rms_norm_eps
-    q = make_linear(g, f"{p}/q_proj", f"{hf}.q_proj.weight", x, ws.linear(f"{hf}.q_proj.weight"), opts.accuracy_level)
-    k = make_linear(g, f"{p}/k_proj", f"{hf}.k_proj.weight", x, ws.linear(f"{hf}.k_proj.weight"), opts.accuracy_level)
-    v = make_linear(g, f"{p}/v_proj", f"{hf}.v_proj.weight", x, ws.linear(f"{hf}.v_proj.weight"), opts.accuracy_level)
-    q = make_qk_norm(g, f"{hf}.q_norm.weight", q, ws.vector(f"{hf}.q_norm.weight"), cfg.num_attention_heads,
-                     cfg.head_dim, eps)
-    k = make_qk_norm(g, f"{hf}.k_norm.weight", k, ws.vector(f"{hf}.k_norm.weight"), cfg.num_key_value_heads,
-                     cfg.head_dim, eps)
+    lvl, eps = opts.accuracy_level, cfg.rms_norm_eps
+    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    parts = [ws.linear(f"{hf}.{n}_proj.weight") for n in "qkv"]
+    packed = pack_rows(parts)
+    if packed is not None:
+        qkv = make_linear(g, f"{p}/qkv_proj", f"{hf}.qkv_proj.weight", x, packed, lvl)
+        q, k, v = g.node("Split", f"{p}/qkv_proj/Split", [qkv, g.ints([nh * hd, nkv * hd, nkv * hd])], 3, axis=-1)
+    else:
+        q, k, v = (make_linear(g, f"{p}/{n}_proj", f"{hf}.{n}_proj.weight", x, w, lvl) for n, w in zip("qkv", parts))
+    q = make_qk_norm(g, f"{hf}.q_norm.weight", q, ws.vector(f"{hf}.q_norm.weight"), nh, hd, eps)
+    k = make_qk_norm(g, f"{hf}.k_norm.weight", k, ws.vector(f"{hf}.k_norm.weight"), nkv, hd, eps)
     window = int(cfg.sliding_window) if cfg.is_sliding(i) else -1
     attn_in = [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", mask[0], mask[1], rope[0], rope[1]]
     outs = [f"{p}/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"]
     g.node("GroupQueryAttention", f"{p}/GroupQueryAttention", attn_in, domain=MS, outputs=outs,
-           num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
-           scale=float(cfg.attn_scale), local_window_size=window, do_rotary=1, rotary_interleaved=0,
-           softcap=float(cfg.attn_logit_softcapping or 0.0))
-    return make_linear(g, f"{p}/o_proj", f"{hf}.o_proj.weight", outs[0], ws.linear(f"{hf}.o_proj.weight"),
-                       opts.accuracy_level)
+           num_heads=nh, kv_num_heads=nkv, scale=float(cfg.attn_scale), local_window_size=window,
+           do_rotary=1, rotary_interleaved=0, softcap=float(cfg.attn_logit_softcapping or 0.0))
+    return make_linear(g, f"{p}/o_proj", f"{hf}.o_proj.weight", outs[0], ws.linear(f"{hf}.o_proj.weight"), lvl)
 
 
 def make_mlp(g: GraphBuilder, ws: WeightSource, i: int, x: str, opts: GraphOptions) -> str:
