@@ -157,7 +157,8 @@ def quantize_groupwise(w: np.ndarray, block: int, symmetric: bool, scale: np.nda
     main = np.empty((n, nb, block // 2), dtype=np.uint8)
     step = next(row_chunks(n, kp, GROUP_CHUNK)).stop
     buf = np.zeros((step, kp), dtype=np.float32)
-    half = np.empty((step, nb, block // 2), dtype=np.float32)
+    ubuf = np.empty((step, kp), dtype=np.uint8)
+    pairs = np.empty((step, kp // 2), dtype=np.uint16)
     tbuf = np.empty((block, step * nb), dtype=np.float32)
     for sl in row_chunks(n, kp, GROUP_CHUNK):
         m = sl.stop - sl.start
@@ -188,10 +189,14 @@ def quantize_groupwise(w: np.ndarray, block: int, symmetric: bool, scale: np.nda
             xb += zp.astype(np.float32)[:, :, None]
         np.rint(xb, out=xb)
         np.clip(xb, np.float32(0.0), np.float32(15.0), out=xb)
-        p = half[:m]
-        np.multiply(xb[:, :, 1::2], np.float32(16.0), out=p)
-        p += xb[:, :, 0::2]
-        np.copyto(main[sl], p, casting="unsafe")
+        # codes -> bytes; little endian: pair = lo + 256*hi -> low byte of (pair | pair >> 4)
+        u = ubuf[:m]
+        np.copyto(u, x, casting="unsafe")
+        v = u.view(np.uint16)
+        pr = pairs[:m]
+        np.right_shift(v, 4, out=pr)
+        np.bitwise_or(pr, v, out=pr)
+        np.copyto(main[sl].reshape(m, -1), pr, casting="unsafe")
     parts = {"": main, SCALE_SUFFIX: s_all}
     if z_all is not None:
         parts[ZERO_SUFFIX] = pack_nibbles(z_all, pad=0)
