@@ -154,6 +154,12 @@ class _StreamingWriter(CellmWriter):
         self._sha = hashlib.sha256()
         self._part_bytes = 0
         super().__init__(path, header, specs)
+        try:  # mkstemp creates 0600; artifacts get the usual umask-derived mode (e.g. 0644)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(self._f.fileno(), 0o666 & ~umask)
+        except (OSError, AttributeError):
+            pass
 
     def _emit(self, data) -> None:
         self._sha.update(data)

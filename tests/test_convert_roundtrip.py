@@ -295,3 +295,13 @@ def test_sigkill_mid_convert_leaves_no_cellm(ckpt, tmp_path):
     assert not out.with_name("k.tokenizer.json").exists()
     left = [x.name for x in tmp_path.iterdir()]
     assert left and all(n.startswith(".k.cellm.") and ".tmp" in n for n in left), left
+
+
+def test_output_mode_follows_umask(ckpt, tmp_path):
+    import os
+    import stat
+
+    res = convert(str(ckpt[0]), "f16", tmp_path / "m.cellm")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(res.path.stat().st_mode) == 0o666 & ~umask
