@@ -299,3 +299,28 @@ def test_write_part_streams_row_chunks(tmp_path):
         w.write_part("a", a[2:3], first=False, last=True)
     w.abort()
     assert sorted(os.listdir(tmp_path)) == ["one.cellm", "parts.cellm"]
+
+
+@pytest.mark.parametrize("style", [4, 5])
+def test_header_from_multimodal_config(tmp_path, style):
+    """A gemma3 (multimodal) wrapper with a sparse text_config: the header's source_text_config
+    alone must rebuild the same GemmaTextConfig."""
+    from cellm.config import GemmaTextConfig
+    from cellm.synthetic import tiny_config
+
+    cfg = tiny_config()
+    full = cfg.to_hf_dict(style)
+    sparse = {k: full[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                   "num_attention_heads", "num_key_value_heads", "head_dim",
+                                   "query_pre_attn_scalar", "sliding_window", "layer_types",
+                                   "max_position_embeddings", "rms_norm_eps")}
+    sparse.update({k: full[k] for k in full if k.startswith("rope")})
+    raw = {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+           "text_config": sparse, "vision_config": {"hidden_size": 8}}
+    parsed = GemmaTextConfig.from_hf(raw)
+    h = header_from_config(parsed, raw)
+    assert h["source_model_type"] == "gemma3" and h["source_architectures"] == ["Gemma3ForConditionalGeneration"]
+    assert h["source_text_config"]["model_type"] == "gemma3_text"
+    p = write_cellm(tmp_path / "mm.cellm", h, {"x": ("f16", (1,), np.zeros(1, np.float16))})
+    with CellmReader(p) as r:
+        assert r.config == parsed

@@ -286,7 +286,15 @@ def header_from_config(cfg: Any, raw_hf_config: Mapping[str, Any] | None = None,
     ``source_text_config`` is the HF text config (the ``text_config`` of a multimodal config).
     """
     raw = dict(raw_hf_config) if raw_hf_config is not None else cfg.to_hf_dict(5)
-    text = raw.get("text_config") if isinstance(raw.get("text_config"), Mapping) else raw
+    text = dict(raw.get("text_config") if isinstance(raw.get("text_config"), Mapping) else raw)
+    # A multimodal wrapper's text_config may omit model_type and keys left at their defaults: fill
+    # them from the parsed config (same config style; the source's own keys win), so readers can
+    # rebuild exactly ``cfg`` from source_text_config alone.
+    style = 5 if isinstance(text.get("rope_parameters"), Mapping) else 4
+    for k, v in cfg.to_hf_dict(style).items():
+        if k == "architectures" and "text_config" in raw:
+            continue
+        text.setdefault(k, v)
     h: dict[str, Any] = {
         "model_type": "gemma3_text",
         "vocab_size": int(cfg.vocab_size),
