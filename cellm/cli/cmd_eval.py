@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--top-k", type=int, default=256, help="reference tokens cached per position for KL")
     p.add_argument("--gen-tokens", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=None, help="use only the first N corpus tokens")
+    p.add_argument("--max-tokens", type=int, default=4088, help="score the first N corpus tokens (default 4088 = 8 windows; 0 = all)")
     p.add_argument("--no-cache", action="store_true", help="recompute the reference side")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")

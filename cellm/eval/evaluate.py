@@ -27,6 +27,7 @@ from cellm.eval.runner import Progress, greedy_batch, teacher_forced
 DEFAULT_WINDOW = 512
 DEFAULT_TOP_K = 256
 DEFAULT_GEN_TOKENS = 32
+DEFAULT_MAX_TOKENS = 8 * (DEFAULT_WINDOW - 1)  # 4088 scored tokens: 8 full windows (keeps one eval < 1 min)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +126,7 @@ def evaluate(
     window: int = DEFAULT_WINDOW,
     top_k: int = DEFAULT_TOP_K,
     gen_tokens: int = DEFAULT_GEN_TOKENS,
-    max_tokens: Optional[int] = None,
+    max_tokens: Optional[int] = DEFAULT_MAX_TOKENS,
     cache: Optional[str | os.PathLike] = None,
     use_cache: bool = True,
     threads: Optional[int] = None,
@@ -143,7 +144,7 @@ def evaluate(
     if not prompt_list:
         raise EvalError(f"no prompts in {prompts or data.DEFAULT_PROMPTS}")
     ids = tok.encode(corpus_text, add_bos=False)
-    if max_tokens is not None:
+    if max_tokens:  # None or 0: the whole corpus
         ids = ids[: int(max_tokens)]
     if len(ids) < 16:
         raise EvalError(f"the eval corpus has {len(ids)} tokens; need at least 16")

@@ -65,8 +65,14 @@ def load_model(
     *,
     max_context: Optional[int] = None,
     cache: str = "f32",
+    preload: bool = False,
 ):
-    """Build the numpy model for a ``.cellm`` file, a source spec/dir, a Checkpoint or pass a model through."""
+    """Build the numpy model for a ``.cellm`` file, a source spec/dir, a Checkpoint or pass a model through.
+
+    ``cache`` (``.cellm`` only): ``"f32"`` keeps a float32 copy of every tensor (fastest; ~4 bytes per
+    parameter), ``"layers"`` caches the decoder matrices but dequantizes the tied embedding/LM head
+    block-wise per call, ``"none"`` dequantizes everything per call (lowest memory, slowest).
+    ``preload`` dequantizes up front and releases the file pages."""
     from cellm.runtime.model import GemmaModel
     from cellm.runtime.threads import set_blas_threads
     from cellm.runtime.weights import CellmWeights, checkpoint_weights
@@ -86,7 +92,10 @@ def load_model(
             reader = CellmReader(p)
         except CellmError as exc:
             raise ModelRuntimeError(f"cannot open {p}: {exc}") from exc
-        model = GemmaModel(CellmWeights(reader, cache=cache), max_context=max_context)
+        weights = CellmWeights(reader, cache=cache)
+        if preload:
+            weights.preload()
+        model = GemmaModel(weights, max_context=max_context)
         model.path = p
         return model
     from cellm.sources import open_source

@@ -152,7 +152,7 @@ class GemmaModel:
                 f"(max_position_embeddings={cfg.max_position_embeddings})"
             )
         pos = np.arange(state.pos, state.pos + t, dtype=np.int64)  # [T]
-        h = self.weights.embedding()[ids] * self.embed_scale  # [T, H]
+        h = self.weights.embed_rows(ids) * self.embed_scale  # [T, H]
         for i in range(cfg.num_hidden_layers):
             h = self._layer(i, h, pos, state.layers[i], on_linear_input)
         state.pos += t
@@ -160,10 +160,9 @@ class GemmaModel:
 
     def logits(self, h: np.ndarray, on_linear_input: Optional[LinearHook] = None) -> np.ndarray:
         # h [T, H] -> [T, V]
-        head = self.weights.lm_head()
-        if on_linear_input is not None:
-            on_linear_input("lm_head.weight" if head is not self.weights.embedding() else "model.embed_tokens.weight", h)
-        out = h @ head.T
+        if on_linear_input is not None:  # tied head: the embedding's name
+            on_linear_input("lm_head.weight" if not self.config.tie_word_embeddings else "model.embed_tokens.weight", h)
+        out = self.weights.head_logits(h)
         cap = self.config.final_logit_softcapping
         if cap:
             out = np.tanh(out / np.float32(cap)) * np.float32(cap)
