@@ -318,11 +318,16 @@ class _Validator:
                      f"must be f16 {list(want_scale)}, is {scale.dtype} {list(scale.shape)}")
         else:
             s = self.storage(scale).astype(np.float32)
-            bad = ~(np.isfinite(s) & (s > 0))
+            # symmetric group-wise int4 (no .qzero) maps the largest-magnitude value to -8, so
+            # its scales carry that value's sign: there they must only be finite and non-zero
+            signed = dtype.startswith("q4g") and zero is None and name + ZERO_SUFFIX not in names
+            ok = np.isfinite(s) & ((s != 0) if signed else (s > 0))
+            bad = ~ok
             if bad.any():
                 idx = np.unravel_index(int(np.argmax(bad)), s.shape)
+                need = "finite and non-zero" if signed else "finite and > 0"
                 self.add("scale", scale.name, scale.offset,
-                         f"{int(bad.sum())} scale(s) not finite and > 0, first at {list(map(int, idx))} = {s[idx]}")
+                         f"{int(bad.sum())} scale(s) not {need}, first at {list(map(int, idx))} = {s[idx]}")
         if want_zero is None:
             if name + ZERO_SUFFIX in names:
                 self.add("companion", name + ZERO_SUFFIX, None, f"{dtype} tensor {name} must not have a {ZERO_SUFFIX}")

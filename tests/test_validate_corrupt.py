@@ -266,3 +266,22 @@ def test_file_without_cellm_keys_validates_by_dtype(good, tiny_ckpt, tmp_path, p
 
     rep = validate(rewrite(good[profile], tmp_path / "up.cellm", edit), source=str(tiny_ckpt))
     assert rep.ok, rep.problems
+
+
+def test_every_scheme_validates_with_source(tiny_ckpt, tmp_path):
+    """A profile using every registered RTN scheme converts and validates against the source."""
+    prof = tmp_path / "all.toml"
+    prof.write_text(
+        'name = "all"\ngate_class = "int4"\n'
+        "[[rules]]\npattern = '.*\\.q_proj\\.weight'\nscheme = \"q4g32-sym\"\n"
+        "[[rules]]\npattern = '.*\\.k_proj\\.weight'\nscheme = \"q4g64\"\n"
+        "[[rules]]\npattern = '.*\\.v_proj\\.weight'\nscheme = \"q4g128-sym\"\n"
+        "[[rules]]\npattern = '.*\\.o_proj\\.weight'\nscheme = \"q4g128\"\n"
+        "[[rules]]\npattern = '.*\\.gate_proj\\.weight'\nscheme = \"q4g64-sym\"\n"
+        "[[rules]]\npattern = '.*\\.up_proj\\.weight'\nscheme = \"i8\"\n"
+        "[[rules]]\npattern = '.*\\.down_proj\\.weight'\nscheme = \"i4\"\n"
+        "[[rules]]\npattern = '.*'\nscheme = \"f16\"\n"
+    )
+    res = convert(str(tiny_ckpt), str(prof), tmp_path / "all.cellm")
+    rep = validate(res.path, source=str(tiny_ckpt))
+    assert rep.ok, rep.problems
