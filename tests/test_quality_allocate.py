@@ -91,3 +91,25 @@ def test_profile_round_trip(tmp_path):
     assert plan.total_bytes == a.total_bytes
     assert {e.name: e.scheme for e in plan.entries if e.name in a.schemes} == a.schemes
     assert f"{a.predicted_kl:.5f}" in text
+
+
+def test_family_granularity_profile_valid_for_other_sizes(tmp_path):
+    from cellm.quality.allocate import by_family
+
+    shapes = {f"model.layers.{i}.mlp.{p}.weight": (64, 96) for i in range(3) for p in ("up_proj", "down_proj")}
+    shapes["model.embed_tokens.weight"] = (512, 64)
+    sens = by_family(_sens(shapes, seed=2))
+    assert len(sens.kl) == 3
+    full = sens.fixed_bytes + sum(v["f16"] for v in sens.nbytes.values())
+    a = allocate(sens, int(full * 0.5))
+    text = profile_toml(a, sens, name="fam", patterns=True)
+    prof = parse_profile(text.encode(), "fam")
+    # the same profile plans a checkpoint with a different number of layers
+    other = {f"model.layers.{i}.mlp.{p}.weight": (64, 96) for i in range(5) for p in ("up_proj", "down_proj")}
+    other["model.embed_tokens.weight"] = (512, 64)
+    other["model.norm.weight"] = (64,)
+    plan = prof.plan(other)
+    for e in plan.entries:
+        if e.name != "model.norm.weight":
+            fam = [f for f in a.schemes if __import__("re").fullmatch(f, e.name)]
+            assert e.scheme == a.schemes[fam[0]]

@@ -42,6 +42,9 @@ def register(subparsers) -> None:
     a.add_argument("--gate-class", default="int4", choices=["int4", "int8", "f16"])
     a.add_argument("--candidates", default=None,
                    help="comma-separated schemes to choose from (default: those measured)")
+    a.add_argument("--granularity", default="tensor", choices=["tensor", "family"],
+                   help="tensor: one exact-name rule per tensor; family: one scheme per tensor family "
+                        "across layers (a profile valid for every Gemma-3 size)")
     a.add_argument("--json", action="store_true", help="print the allocation summary as JSON")
     a.set_defaults(func=run_allocate)
 
@@ -91,8 +94,13 @@ def run_allocate(args) -> int:
     sess = _session(args.source)
     sens = sensitivity(sess, progress=lambda m: print(m, file=sys.stderr, flush=True))
     cands = [c.strip() for c in args.candidates.split(",")] if args.candidates else None
+    if args.granularity == "family":
+        from cellm.quality.allocate import by_family
+
+        sens = by_family(sens)
     alloc = allocate_budget(sess, sens, args.budget, candidates=cands)
-    text = profile_toml(alloc, sens, name=args.name, gate_class=args.gate_class)
+    text = profile_toml(alloc, sens, name=args.name, gate_class=args.gate_class,
+                        patterns=args.granularity == "family")
     write_profile(args.output, text)
     summary = {
         "output": args.output, "budget_bytes": alloc.budget_bytes, "total_bytes": alloc.total_bytes,

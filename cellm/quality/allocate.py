@@ -87,6 +87,30 @@ def _hull(options: list[tuple[int, float, str]]) -> list[tuple[int, float, str]]
     return hull
 
 
+def family_pattern(name: str) -> str:
+    """The layer-agnostic regex of a tensor's family (``model\\.layers\\.\\d+\\.mlp\\.down_proj\\.weight``)."""
+    m = re.fullmatch(r"model\.layers\.\d+\.(.*)", name)
+    if m is None:
+        return re.escape(name)
+    return r"model\.layers\.\d+\." + re.escape(m.group(1))
+
+
+def by_family(sens: Sensitivity) -> Sensitivity:
+    """Sensitivity aggregated per tensor family across layers (units named by their regex): one
+    scheme per family gives a profile valid for every Gemma-3 size."""
+    kl: dict[str, dict[str, float]] = {}
+    nb: dict[str, dict[str, int]] = {}
+    for t in sorted(sens.kl):
+        f = family_pattern(t)
+        for s in sens.candidates:
+            if s in sens.kl[t]:
+                kl.setdefault(f, {}).setdefault(s, 0.0)
+                kl[f][s] += sens.kl[t][s]
+                nb.setdefault(f, {}).setdefault(s, 0)
+                nb[f][s] += sens.nbytes[t][s]
+    return dataclasses.replace(sens, kl=kl, nbytes=nb, measured={}, top1={}, err={})
+
+
 def allocate(sens: Sensitivity, budget_bytes: int, *, candidates: Sequence[str] | None = None,
              budget_spec: str = "", forced: Mapping[str, str] | None = None) -> Allocation:
     """Greedy multiple-choice knapsack on the convex hulls. ``forced`` pins tensors to schemes."""
@@ -136,8 +160,9 @@ def allocate(sens: Sensitivity, budget_bytes: int, *, candidates: Sequence[str] 
 
 def profile_toml(alloc: Allocation, sens: Sensitivity, *, name: str = "mixed-int4",
                  gate_class: str = "int4", description: str | None = None,
-                 extra_comment: Sequence[str] = ()) -> str:
-    """The allocation as a reviewable profile: exact-name rules (sorted), then '.*' -> f16."""
+                 extra_comment: Sequence[str] = (), patterns: bool = False) -> str:
+    """The allocation as a reviewable profile: exact-name rules (sorted), then '.*' -> f16.
+    ``patterns``: the allocation's keys already are regexes (family granularity, ``by_family``)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ProfileError(f"profile name {name!r} must be a [A-Za-z0-9._-] string")
     by = alloc.bytes_by_scheme(sens)
@@ -168,7 +193,7 @@ def profile_toml(alloc: Allocation, sens: Sensitivity, *, name: str = "mixed-int
             continue  # the final catch-all keeps it f16
         lines += [
             "[[rules]]",
-            f"pattern = '{re.escape(t)}'",
+            f"pattern = '{t if patterns else re.escape(t)}'",
             "ndim = 2",
             f'scheme = "{s}"',
             f'note = "predicted KL {sens.kl[t][s]:.2e}"',
