@@ -324,3 +324,12 @@ def test_header_from_multimodal_config(tmp_path, style):
     p = write_cellm(tmp_path / "mm.cellm", h, {"x": ("f16", (1,), np.zeros(1, np.float16))})
     with CellmReader(p) as r:
         assert r.config == parsed
+
+
+def test_written_file_mode_follows_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        p = write_cellm(tmp_path / "m.cellm", BASE, {"x": ("f16", (1,), np.zeros(1, np.float16))})
+    finally:
+        os.umask(old)
+    assert (p.stat().st_mode & 0o777) == 0o644

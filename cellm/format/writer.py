@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -128,8 +128,10 @@ class CellmWriter:
         self._pos = 0
         self._piece_bytes: int | None = None  # bytes of the tensor being written in pieces
         self._closed = False
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self._tmp = Path(tmp)
+        # Temp file next to the target (same filesystem for the atomic rename), created with mode
+        # 0o666 so the umask applies as for any normal file (mkstemp would leave it 0o600).
+        self._tmp = self.path.parent / f".{self.path.name}.{secrets.token_hex(8)}.tmp"
+        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         self._f = os.fdopen(fd, "wb")
         try:
             self._emit(MAGIC + struct.pack("<BI", VERSION, len(blob)) + blob)
