@@ -259,3 +259,30 @@ def test_corrupt_gguf(tiny_gguf, tmp_path):
     huge.write_bytes(data[:8] + (1 << 60).to_bytes(8, "little") + data[16:])
     with pytest.raises(SourceError, match="exceed the file size"):
         open_source(str(huge))
+
+
+def test_gguf_weights_and_config_match_transformers_gguf_loader(tiny_gguf):
+    """transformers' own GGUF loader (name map, dequantization, Gemma norm -1) as the reference."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    raw = load_gguf_checkpoint(str(tiny_gguf), return_tensors=False)["config"]
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**raw))
+    ref = load_gguf_checkpoint(str(tiny_gguf), return_tensors=True, model_to_load=model)["tensors"]
+    ck = open_source(str(tiny_gguf))
+    assert sorted(ref) == ck.tensor_names()
+    for name in ck.tensor_names():
+        np.testing.assert_array_equal(ck.load(name), ref[name].float().numpy(), err_msg=name)
+    cfg, tcfg = ck.config, model.config
+    for ours, theirs in [
+        (cfg.hidden_size, tcfg.hidden_size), (cfg.num_hidden_layers, tcfg.num_hidden_layers),
+        (cfg.num_attention_heads, tcfg.num_attention_heads), (cfg.num_key_value_heads, tcfg.num_key_value_heads),
+        (cfg.head_dim, tcfg.head_dim), (cfg.intermediate_size, tcfg.intermediate_size),
+        (cfg.vocab_size, tcfg.vocab_size), (cfg.sliding_window, tcfg.sliding_window),
+        (list(cfg.layer_types), list(tcfg.layer_types)),
+        (cfg.max_position_embeddings, tcfg.max_position_embeddings),
+        (cfg.rope_global.theta, tcfg.rope_parameters["full_attention"]["rope_theta"]),
+        (cfg.rope_local.theta, tcfg.rope_parameters["sliding_attention"]["rope_theta"]),
+    ]:
+        assert ours == theirs
+    assert cfg.rms_norm_eps == pytest.approx(tcfg.rms_norm_eps, rel=1e-7)
