@@ -119,7 +119,8 @@ def test_sensitivity_measure_cache_and_validate(tiny, tmp_path):
     ref = Reference(eng, ids)
     st = C.collect(eng, ids)
     cands = ("f16", "i8", "q4g32-gptq", "q4g32")
-    sens = measure(eng, ref, st, candidates=cands, probe="q4g32-gptq", source_hash=ck.content_hash)
+    sens = measure(eng, ref, st, candidates=cands, probe="q4g32-gptq", source_hash=ck.content_hash,
+                   granularity="tensor")
     two_d = sorted(n for n, a in w.items() if a.ndim == 2)
     assert sorted(sens.kl) == two_d
     for t in two_d:
@@ -133,6 +134,14 @@ def test_sensitivity_measure_cache_and_validate(tiny, tmp_path):
     assert back.kl == sens.kl and back.nbytes == sens.nbytes and back.candidates == sens.candidates
     val = validate(eng, ref, st, sens, [(t, "q4g32") for t in two_d[:6]])
     assert -1.0 <= val["spearman"] <= 1.0 and len(val["pairs"]) == 6
+    # block granularity: attention / gate+up / down per layer, plus the embedding
+    blk = measure(eng, ref, st, candidates=("f16", "i8", "q4g32-gptq"), granularity="block")
+    n_layers = ck.config.num_hidden_layers
+    assert len(blk.kl) == 3 * n_layers + 1
+    assert sorted(blk.tensors_of("model.layers.0.self_attn")) == sorted(
+        f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkvo")
+    assert sorted(t for u in blk.kl for t in blk.tensors_of(u)) == two_d
+    assert sum(v["f16"] for v in blk.nbytes.values()) + blk.fixed_bytes == sum(a.size * 2 for a in w.values())
 
 
 def test_spearman_independent():

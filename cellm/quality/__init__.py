@@ -79,11 +79,11 @@ def open_session(source: Any, *, cache_dir=None, windows: int = SENS_WINDOWS,
 
 
 def sensitivity(sess: Session, *, candidates: Sequence[str] = DEFAULT_CANDIDATES,
-                probe: str = DEFAULT_PROBE, use_cache: bool = True,
+                probe: str = DEFAULT_PROBE, use_cache: bool = True, granularity: str = "block",
                 progress: Callable[[str], None] | None = None) -> Sensitivity:
     """Per-tensor sensitivity of a session's source (cached)."""
     h = sess.ckpt.content_hash
-    key = sensitivity_key(h, candidates, probe, sess.ids, sess.stats.key)
+    key = sensitivity_key(h, candidates, probe, sess.ids, sess.stats.key, granularity)
     path = sensitivity_path(h, key, sess.cache_dir)
     if use_cache and path.is_file():
         try:
@@ -91,7 +91,7 @@ def sensitivity(sess: Session, *, candidates: Sequence[str] = DEFAULT_CANDIDATES
         except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
             pass
     sens = measure(sess.engine, sess.ref, sess.stats, candidates=candidates, probe=probe,
-                   source_hash=h, progress=progress)
+                   source_hash=h, granularity=granularity, progress=progress)
     if use_cache:
         sens.save(path)
     return sens

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import json
 import os
 import tempfile
@@ -35,8 +36,24 @@ from cellm.quality.engine import EMBED, Engine, Reference
 from cellm.quant.schemes import get_scheme
 
 SENS_VERSION = 1
-DEFAULT_CANDIDATES = ("f16", "i8", "q4g32-gptq", "q4g64-gptq", "q4g128-gptq")
+DEFAULT_CANDIDATES = ("f16", "i8", "q4g32-gptq")
 DEFAULT_PROBE = "q4g32-gptq"
+
+
+def unit_of(name: str, granularity: str = "block") -> str:
+    """Measurement unit of a tensor. ``tensor``: itself. ``block``: the attention projections of a
+    layer together, the MLP gate+up together, down_proj alone, the embedding alone (the layer's
+    sub-blocks that see the same input / play one role; 55 units on an 18-layer model)."""
+    if granularity == "tensor":
+        return name
+    m = re.fullmatch(r"(model\.layers\.\d+)\.(self_attn|mlp)\.(\w+)\.weight", name)
+    if m is None:
+        return name
+    if m.group(2) == "self_attn":
+        return f"{m.group(1)}.self_attn"
+    if m.group(3) in ("gate_proj", "up_proj"):
+        return f"{m.group(1)}.mlp.gate_up"
+    return name
 
 
 def quantizable(weights: Mapping[str, np.ndarray]) -> list[str]:
@@ -63,8 +80,9 @@ def output_error(w: np.ndarray, dq: np.ndarray, h: np.ndarray | None) -> float:
 
 @dataclasses.dataclass
 class Sensitivity:
-    """Per-tensor measurements: ``kl[t][scheme]`` (predicted/measured), ``measured[t][scheme]``,
-    ``err[t][scheme]`` (output error energy), ``bytes[t][scheme]``; plus metadata."""
+    """Per-unit measurements: ``kl[u][scheme]`` (predicted/measured), ``measured[u][scheme]``,
+    ``err[u][scheme]`` (output error energy), ``nbytes[u][scheme]``; ``members[u]`` = the tensors of
+    unit ``u`` (a unit takes one scheme); plus metadata."""
 
     source_hash: str
     candidates: tuple[str, ...]
@@ -78,6 +96,10 @@ class Sensitivity:
     fixed_bytes: int  # tensors that are not candidates (norms): always f16
     seconds: float = 0.0
     validation: dict[str, Any] = dataclasses.field(default_factory=dict)
+    members: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+    def tensors_of(self, unit: str) -> list[str]:
+        return self.members.get(unit, [unit])
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -120,44 +142,50 @@ def scheme_bytes(name: str, shape: tuple[int, ...], scheme: str) -> int:
 
 def measure(engine: Engine, ref: Reference, stats: CalibrationStats, *,
             candidates: Sequence[str] = DEFAULT_CANDIDATES, probe: str = DEFAULT_PROBE,
-            tensors: Iterable[str] | None = None, source_hash: str = "",
+            tensors: Iterable[str] | None = None, source_hash: str = "", granularity: str = "block",
             progress: Callable[[str], None] | None = None) -> Sensitivity:
-    """Measure KL of each tensor quantized alone with ``probe``; predict the other candidates."""
+    """Measure the KL of each unit quantized alone with ``probe``; predict the other candidates
+    from the ratio of summed output-error energies."""
     t0 = time.time()
     w = engine.w
     names = list(tensors) if tensors is not None else quantizable(w)
     if probe not in candidates:
         raise CellmError(f"probe scheme {probe!r} must be one of the candidates {list(candidates)}")
+    members: dict[str, list[str]] = {}
+    for n in names:
+        members.setdefault(unit_of(n, granularity), []).append(n)
     kl: dict[str, dict[str, float]] = {}
     measured: dict[str, dict[str, float]] = {}
     top1: dict[str, dict[str, float]] = {}
     err: dict[str, dict[str, float]] = {}
     nbytes: dict[str, dict[str, int]] = {}
-    for i, name in enumerate(names):
-        h = stats.hessian(name) if name in stats else None
-        errs: dict[str, float] = {}
-        probe_dq = None
-        for s in candidates:
-            if s == "f16":
-                errs[s] = 0.0
-                continue
-            dq = fake_quant(name, w[name], s, stats)
-            errs[s] = output_error(w[name], dq, h)
-            if s == probe:
-                probe_dq = dq
-        m_kl, m_top = ref.measure({name: probe_dq})
-        measured[name] = {probe: m_kl}
-        top1[name] = {probe: m_top}
+    for i, unit in enumerate(sorted(members)):
+        errs = {s: 0.0 for s in candidates}
+        probe_dq: dict[str, np.ndarray] = {}
+        for name in members[unit]:
+            h = stats.hessian(name) if name in stats else None
+            for s in candidates:
+                if s == "f16":
+                    continue
+                dq = fake_quant(name, w[name], s, stats)
+                errs[s] += output_error(w[name], dq, h)
+                if s == probe:
+                    probe_dq[name] = dq
+        m_kl, m_top = ref.measure(probe_dq)
+        measured[unit] = {probe: m_kl}
+        top1[unit] = {probe: m_top}
         base = max(errs[probe], 1e-30)
-        kl[name] = {s: (0.0 if s == "f16" else max(m_kl, 0.0) * errs[s] / base) for s in candidates}
-        err[name] = errs
-        nbytes[name] = {s: scheme_bytes(name, w[name].shape, s) for s in candidates}
+        kl[unit] = {s: (0.0 if s == "f16" else max(m_kl, 0.0) * errs[s] / base) for s in candidates}
+        err[unit] = errs
+        nbytes[unit] = {s: sum(scheme_bytes(n, w[n].shape, s) for n in members[unit]) for s in candidates}
         if progress is not None:
-            progress(f"[{i + 1}/{len(names)}] {name}: KL({probe}) = {m_kl:.5f}")
-    fixed = sum(scheme_bytes(n, a.shape, "f16") for n, a in w.items() if n not in nbytes)
+            progress(f"[{i + 1}/{len(members)}] {unit}: KL({probe}) = {m_kl:.5f} top-1 {m_top:.3f} "
+                     f"({time.time() - t0:.0f}s)")
+    covered = {n for ms in members.values() for n in ms}
+    fixed = sum(scheme_bytes(n, a.shape, "f16") for n, a in w.items() if n not in covered)
     return Sensitivity(source_hash=source_hash, candidates=tuple(candidates), probe=probe,
                        n_tokens=ref.n_tokens, kl=kl, measured=measured, top1=top1, err=err,
-                       nbytes=nbytes, fixed_bytes=fixed, seconds=time.time() - t0)
+                       nbytes=nbytes, fixed_bytes=fixed, seconds=time.time() - t0, members=members)
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
@@ -172,20 +200,20 @@ def validate(engine: Engine, ref: Reference, stats: CalibrationStats, sens: Sens
              pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
     """Measure KL directly for (tensor, scheme) pairs and compare with the predictions."""
     rows = []
-    for name, s in pairs:
-        dq = fake_quant(name, engine.w[name], s, stats)
-        m, _ = ref.measure({name: dq})
-        rows.append({"tensor": name, "scheme": s, "predicted": sens.kl[name][s], "measured": m})
-        sens.measured.setdefault(name, {})[s] = m
+    for unit, s in pairs:
+        ov = {n: fake_quant(n, engine.w[n], s, stats) for n in sens.tensors_of(unit)}
+        m, _ = ref.measure(ov)
+        rows.append({"unit": unit, "scheme": s, "predicted": sens.kl[unit][s], "measured": m})
+        sens.measured.setdefault(unit, {})[s] = m
     rho = spearman([r["predicted"] for r in rows], [r["measured"] for r in rows])
     sens.validation = {"spearman": rho, "pairs": rows}
     return sens.validation
 
 
 def sensitivity_key(source_hash: str, candidates: Sequence[str], probe: str, ids: np.ndarray,
-                    stats_key: str) -> str:
+                    stats_key: str, granularity: str = "block") -> str:
     h = hashlib.sha256()
-    for part in (f"v{SENS_VERSION}", source_hash, ",".join(candidates), probe, stats_key):
+    for part in (f"v{SENS_VERSION}", source_hash, ",".join(candidates), probe, stats_key, granularity):
         h.update(part.encode() + b"\0")
     h.update(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
     return h.hexdigest()
