@@ -169,3 +169,33 @@ def test_specs_sizes():
     ]
     specs = get_scheme("q4g128-sym").specs("x", (3, 129))
     assert [(s.dtype, s.nbytes) for s in specs] == [("q4g128", 3 * 2 * 64), ("f16", 3 * 2 * 2)]
+
+
+@pytest.mark.parametrize("block", [32, 128])
+@pytest.mark.parametrize("sym", [True, False])
+def test_rtn_semantics_match_onnxruntime_quantizer(block, sym):
+    """onnxruntime's own block quantizer (MLAS, what MatMulNBitsQuantizer and the onnxruntime-genai
+    builder use) is the reference for the RTN math: same scales up to f16 rounding (and the same
+    sign convention), same codes / zero points except near rounding boundaries (we round codes with
+    the stored f16 scale, MLAS with its f32 scale)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    from cellm.quant.bitpack import unpack_nibbles
+
+    rng = np.random.default_rng(block)
+    n, k = 64, 512
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    nb = k // block
+    packed = np.zeros((n, nb, block // 2), np.uint8)
+    scales = np.zeros(n * nb, np.float32)
+    zp = np.zeros(n * ((nb + 1) // 2), np.uint8)
+    quantize_matmul_4bits(packed, np.ascontiguousarray(w.T), scales, zp, block, n, k, sym)
+    parts = get_scheme(f"q4g{block}{'-sym' if sym else ''}").quantize(w)
+    ours = parts[".qscale"].astype(np.float32)
+    ref = scales.reshape(n, nb)
+    assert (np.sign(ours) == np.sign(ref)).all()
+    assert (np.abs(ours - ref) <= np.abs(ref) * 2.0**-10).all()
+    agree = (unpack_nibbles(parts[""], block) == unpack_nibbles(packed, block)).mean()
+    assert agree >= 0.98, agree
+    if not sym:
+        assert (parts[".qzero"] == zp.reshape(n, -1)).mean() >= 0.95
