@@ -27,6 +27,7 @@ from cellm.errors import CellmError
 from cellm.quality.engine import EMBED, Engine
 
 DEFAULT_WINDOW = 256
+MAX_WINDOWS = 16  # at most 16 x 256 tokens (the 270M's tokenizer gives 11 windows of the text)
 STATS_VERSION = 1
 
 
@@ -167,7 +168,7 @@ def calibration_stats(ckpt: Any, engine: Engine | None = None, *, text: str | No
             pass
     if engine is None:
         engine = Engine(ckpt.config, load_weights(ckpt))
-    ids = tokenize_windows(ckpt.tokenizer_json, text, window)
+    ids = tokenize_windows(ckpt.tokenizer_json, text, window, MAX_WINDOWS)
     st = collect(engine, ids)
     st.key = key
     if use_cache:
