@@ -40,3 +40,17 @@ def test_round_trip_within_bound_or_refused(scheme, w):
     err = np.abs(deq.astype(np.float64) - w.astype(np.float64)).max(axis=1)
     bound = np.asarray(sc.error_bound(w), dtype=np.float64)
     assert (err <= bound).all(), (err, bound)
+
+
+@pytest.mark.parametrize("scheme", RTN)
+@pytest.mark.parametrize("shape", [(0, 70), (3, 1), (1, 1), (2, 129)])
+def test_degenerate_shapes(scheme, shape):
+    sc = get_scheme(scheme)
+    w = np.full(shape, -0.75, np.float32)
+    parts = sc.quantize(w)
+    for spec in sc.specs("t", shape):
+        assert parts[spec.name[1:]].nbytes == spec.nbytes
+    deq = sc.dequantize(parts, shape)
+    assert deq.shape == shape
+    if w.size:
+        assert (np.abs(deq - w).max(axis=1) <= sc.error_bound(w)).all()

@@ -52,8 +52,13 @@ def row_minmax(w: np.ndarray, scheme: str) -> tuple[np.ndarray, np.ndarray]:
     return mx, mn
 
 
+def chunk_rows(cols: int, target: int = CHUNK_ELEMENTS) -> int:
+    """Rows per chunk so that a chunk holds about ``target`` elements (at least one row)."""
+    return max(1, target // max(1, cols))
+
+
 def row_chunks(rows: int, cols: int, target: int = CHUNK_ELEMENTS) -> Iterator[slice]:
-    step = max(1, target // max(1, cols))
+    step = chunk_rows(cols, target)
     for r0 in range(0, rows, step):
         yield slice(r0, min(rows, r0 + step))
 

@@ -34,7 +34,7 @@ import numpy as np
 from cellm.errors import QuantizationError
 from cellm.format.constants import GROUP_SIZES, SCALE_SUFFIX, ZERO_SUFFIX, TensorSpec, make_spec
 from cellm.quant.bitpack import pack_nibbles, unpack_nibbles
-from cellm.quant.common import as_f32_2d, f16_scales, raise_nonfinite, row_chunks
+from cellm.quant.common import as_f32_2d, chunk_rows, f16_scales, raise_nonfinite, row_chunks
 
 
 GROUP_CHUNK = 1 << 17  # elements per row chunk (fewer, larger chunks amortise per-block calls)
@@ -155,7 +155,7 @@ def quantize_groupwise(w: np.ndarray, block: int, symmetric: bool, scale: np.nda
         s_all = np.empty((n, nb), dtype=np.float16)
         z_all = None if symmetric else np.empty((n, nb), dtype=np.uint8)
     main = np.empty((n, nb, block // 2), dtype=np.uint8)
-    step = next(row_chunks(n, kp, GROUP_CHUNK)).stop
+    step = min(n, chunk_rows(kp, GROUP_CHUNK))
     buf = np.zeros((step, kp), dtype=np.float32)
     ubuf = np.empty((step, kp), dtype=np.uint8)
     pairs = np.empty((step, kp // 2), dtype=np.uint16)

@@ -20,7 +20,7 @@ import numpy as np
 from cellm.errors import QuantizationError
 from cellm.format.constants import SCALE_SUFFIX, TensorSpec, make_spec
 from cellm.quant.bitpack import unpack_nibbles
-from cellm.quant.common import as_f32_2d, f16_scales, raise_nonfinite, row_chunks, row_minmax
+from cellm.quant.common import as_f32_2d, chunk_rows, f16_scales, raise_nonfinite, row_chunks, row_minmax
 
 # trunc(x + copysign(HALF_DOWN, x)) == round_half_away_from_zero(x) for every float32 |x| < 2**22;
 # adding exactly 0.5 would round 0.49999997 up to 1 (see tests/test_quant_v1.py).
@@ -76,7 +76,7 @@ class F16Scheme:
         a = np.abs(np.asarray(w, dtype=np.float32))
         if a.ndim <= 1:
             return float(a.max(initial=0.0)) * F16_EPS + F16_TINY
-        return (a.reshape(a.shape[0], -1).max(axis=1, initial=0.0) * np.float32(F16_EPS)
+        return (a.reshape(a.shape[0], int(np.prod(a.shape[1:]))).max(axis=1, initial=0.0) * np.float32(F16_EPS)
                 + np.float32(F16_TINY)).astype(np.float32)
 
 
@@ -124,9 +124,9 @@ class RowwiseScheme:
             main = np.empty((rows, half), dtype=np.uint8)
         # |w/scale| <= qmax*(1 + 2^-23) whenever the scale is a normal f32, so the clamp can only
         # bite for (sub)normal-range scales; skip that pass otherwise (saves ~10%).
-        need_clip = bool(scale.min() < np.float32(2.0**-100))
+        need_clip = bool(scale.size) and bool(scale.min() < np.float32(2.0**-100))
         # Reused chunk buffers: everything stays in cache, no page faults on big temporaries.
-        step = next(row_chunks(rows, cols)).stop
+        step = min(rows, chunk_rows(cols))
         buf = np.empty((step, cols), dtype=np.float32)
         tmp = np.empty((step, cols), dtype=np.float32)
         # int8 codes, rows padded to an even length so byte pairs can be read as uint16
