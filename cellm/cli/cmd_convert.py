@@ -9,6 +9,15 @@ import sys
 from cellm.profile import list_profiles
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where a default means something (not None/False, not required)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "convert",
@@ -18,7 +27,7 @@ def register(subparsers) -> None:
             "one), streaming tensor by tensor; all files are written atomically. "
             f"Shipped profiles: {', '.join(list_profiles())} (or a path to a profile .toml)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("source", metavar="SOURCE",
                    help="gemma-3-270m (embedded default), hf://org/name[@rev], a local HF directory or a .gguf file")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+
+from cellm.cli.cmd_convert import HelpFormatter
 
 from cellm.profile import list_profiles
 
@@ -17,7 +18,7 @@ def register(subparsers) -> None:
             "its bytes including companion .qscale/.qzero tensors; totals per scheme and overall. "
             f"Shipped profiles: {', '.join(list_profiles())}."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("source", metavar="SOURCE", help="checkpoint spec (as for `cellm convert`)")
     p.add_argument("--profile", "-p", required=True, metavar="P", help="profile name or .toml path")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+
+from cellm.cli.cmd_convert import HelpFormatter
 
 from cellm.errors import CellmError
 
@@ -21,7 +22,7 @@ def register(subparsers) -> None:
         description="Print the header summary (upstream keys and cellm_* provenance), the parsed "
                     "Gemma-3 config, every tensor (dtype, shape, offset, bytes), bytes per dtype and "
                     "the extension dtypes used. Use `cellm validate` to check the file.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("file", metavar="FILE", help="the .cellm file")
     p.add_argument("--json", action="store_true", help="print everything as one JSON object")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+
+from cellm.cli.cmd_convert import HelpFormatter
 
 
 def register(subparsers) -> None:
@@ -18,7 +19,7 @@ def register(subparsers) -> None:
             "scheme's bound. Exit 0 = valid, 1 = problems found (each names the tensor and offset), "
             "2 = error."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("file", metavar="FILE", help="the .cellm file")
     p.add_argument("--source", default=None, metavar="SOURCE",
