@@ -238,8 +238,8 @@ def check_build_params(*, source: str, registry: str, threads: int = 1, shards: 
         raise PipelineError(f"registry={registry!r} must be a file://PATH or oci://HOST/REPO url")
     if not isinstance(threads, int) or not 1 <= threads <= 256:
         raise PipelineError(f"threads={threads!r} must be an integer in [1, 256]")
-    if not isinstance(shards, int) or not 1 <= shards <= 1024:
-        raise PipelineError(f"shards={shards!r} must be an integer in [1, 1024]")
+    if not isinstance(shards, int) or not 0 <= shards <= 1024:
+        raise PipelineError(f"shards={shards!r} must be an integer in [0, 1024] (0 = auto)")
     ok = task_runner in ("threads", "dask") or task_runner.startswith(("tcp://", "dask://", "tls://"))
     if not ok:
         raise PipelineError(
@@ -461,3 +461,147 @@ def publish_step(registry: str, cellm_path: str, *, source_name: str, profile: s
     m = reg.publish(spec, verdict, channels=channels)
     return {"ref": ref, "name": name, "version": version, "registry": registry, "reused": False,
             "files": len(getattr(m, "files", ()) or ())}
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharded conversion (scale-out): quantize groups of tensors independently (any process / machine
+# that can open the source), then assemble the shards into the same bytes `convert` writes.
+# --------------------------------------------------------------------------------------------------
+
+def _plan_of(ck, profile):
+    from cellm.profile import load_profile
+
+    prof = load_profile(profile)
+    return prof, prof.plan({n: tuple(ck.shape(n)) for n in ck.tensor_names()})
+
+
+def shard_plan(spec: str, revision: str | None, profile: str, shards: int,
+               source_hash: str | None = None) -> list[list[str]]:
+    """Split the plan's tensors into ``shards`` groups of similar source bytes (deterministic:
+    largest first, each to the currently smallest group; groups listed in name order)."""
+    import math
+
+    if not isinstance(shards, int) or shards < 1:
+        raise PipelineError(f"shards={shards!r} must be an integer >= 1")
+    ck = open_checked(spec, revision, source_hash)
+    _, plan = _plan_of(ck, profile)
+    sizes = sorted(((4 * math.prod(e.shape), e.name) for e in plan.entries), key=lambda t: (-t[0], t[1]))
+    groups: list[list[str]] = [[] for _ in range(min(shards, len(sizes)) or 1)]
+    load = [0] * len(groups)
+    for size, name in sizes:
+        i = min(range(len(groups)), key=lambda j: (load[j], j))
+        groups[i].append(name)
+        load[i] += size
+    return [sorted(g) for g in groups if g]
+
+
+def quantize_shard(spec: str, revision: str | None, profile: str, names: list[str],
+                   directory: str | os.PathLike, *, source_hash: str, index: int) -> dict[str, Any]:
+    """Quantize the tensors ``names`` exactly as :func:`cellm.convert.convert` does (same row chunks,
+    same schemes) into ``<dir>/shards/<index>-<hash>.npz`` (atomic; reused when already there)."""
+    import numpy as np
+
+    from cellm import convert as cv
+
+    ck = open_checked(spec, revision, source_hash)
+    prof, plan = _plan_of(ck, profile)
+    want = set(names)
+    missing = want - {e.name for e in plan.entries}
+    if missing:
+        raise PipelineError(f"shard {index}: tensors not in the plan: {sorted(missing)[:5]}")
+    d = Path(directory) / "shards"
+    d.mkdir(parents=True, exist_ok=True)
+    out = d / f"{index:04d}-{step_key('shard', source_hash, prof.content_hash, sorted(want), package_version())}.npz"
+    if out.is_file():
+        return {"path": str(out), "sha256": file_sha256(out), "tensors": len(want), "reused": True}
+    sub = dataclasses_replace_entries(plan, [e for e in plan.entries if e.name in want])
+    parts: dict[str, list] = {}
+    for entry, rows in cv._work_items(ck, sub):
+        for suf, arr in cv._process(ck, entry, rows).items():
+            parts.setdefault(entry.name + suf, []).append(arr)
+    arrays = {k: (v[0] if len(v) == 1 else np.concatenate(v, axis=0)) for k, v in parts.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **{_npz_key(k): a for k, a in arrays.items()})
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return {"path": str(out), "sha256": file_sha256(out), "tensors": len(want), "reused": False}
+
+
+def dataclasses_replace_entries(plan, entries):
+    import dataclasses
+
+    return dataclasses.replace(plan, entries=tuple(entries))
+
+
+def _npz_key(name: str) -> str:
+    return name.replace("/", "%2F")
+
+
+def assemble_shards(spec: str, revision: str | None, profile: str, shard_files: list[str],
+                    work_dir: str | os.PathLike, *, source_hash: str, profile_hash: str) -> dict[str, Any]:
+    """Write the ``.cellm`` (and sidecars) of a sharded conversion into the same content-addressed
+    key directory :func:`convert_step` uses, from the shards' arrays, with convert's header and the
+    container writer; the bytes equal a direct conversion's."""
+    import numpy as np
+
+    from cellm import convert as cv
+    from cellm.format import CellmWriter
+
+    ck = open_checked(spec, revision, source_hash)
+    prof, plan = _plan_of(ck, profile)
+    key = convert_key(source_hash, profile_hash)
+    d = key_dir(work_dir, ck.name, key)
+    with key_lock(d):
+        cleaned = [str(p) for p in clean_stale_temp(d)]
+        rec = load_record(d, "convert")
+        if rec is not None:
+            return {**rec, "reused": True, "cleaned": cleaned}
+        t0 = time.perf_counter()
+        loaded = [np.load(f, allow_pickle=False) for f in shard_files]
+        where = {}
+        for z in loaded:
+            for k in z.files:
+                where[k] = z
+        final = d / cv.default_output_name(ck.name, prof.name)
+        tok = cv._read_blob(getattr(ck, "tokenizer_json", None))
+        notice = cv._read_blob(getattr(ck, "notice", None))
+        tok_sha = hashlib.sha256(tok).hexdigest() if tok is not None else None
+        header = cv._header(ck, prof, plan, tok_sha)
+        writer = CellmWriter(final, header, plan.specs())
+        try:
+            for name in writer.names:
+                z = where.get(_npz_key(name))
+                if z is None:
+                    raise PipelineError(f"no shard holds tensor {name!r} ({len(shard_files)} shards)")
+                writer.write(name, z[_npz_key(name)])
+            stem = final.with_suffix("")
+            tok_path = notice_path = None
+            if tok is not None:
+                tok_path = stem.with_name(stem.name + ".tokenizer.json")
+                cv.atomic_write_bytes(tok_path, tok)
+            if notice is not None:
+                notice_path = stem.with_name(stem.name + ".NOTICE")
+                cv.atomic_write_bytes(notice_path, notice)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            for z in loaded:
+                z.close()
+        for f in shard_files:  # the shards are as big as the artifact: drop them once it exists
+            Path(f).unlink(missing_ok=True)
+        rec = {"path": str(final), "sha256": file_sha256(final), "nbytes": final.stat().st_size,
+               "bytes_per_scheme": plan.bytes_per_scheme, "profile": prof.name, "profile_hash": prof.content_hash,
+               "source": header["cellm_source"], "tokenizer": str(tok_path) if tok_path else None,
+               "notice": str(notice_path) if notice_path else None, "key": key, "dir": str(d),
+               "source_hash": source_hash, "tensors_per_scheme": plan.tensors_per_scheme,
+               "shards": len(shard_files), "seconds": time.perf_counter() - t0}
+        write_record(d, "convert", rec)
+    return {**rec, "reused": False, "cleaned": cleaned}

@@ -104,6 +104,59 @@ def convert_task(source: str, revision: str | None, profile: str, work_dir: str,
                            profile_hash=profile_hash, threads=threads)
 
 
+@task(name="shard-plan", cache_policy=NO_CACHE)
+def shard_plan_task(source: str, revision: str | None, profile: str, shards: int, source_hash: str) -> list:
+    return pl.shard_plan(source, revision, profile, shards, source_hash)
+
+
+@task(name="quantize-shard", cache_policy=NO_CACHE, task_run_name="quantize-shard-{index}")
+def quantize_shard_task(source: str, revision: str | None, profile: str, names: list, key_dir: str,
+                        source_hash: str, index: int) -> dict[str, Any]:
+    return pl.quantize_shard(source, revision, profile, names, key_dir, source_hash=source_hash, index=index)
+
+
+@task(name="assemble-shards", cache_key_fn=_convert_cache_key, persist_result=True)
+def assemble_task(source: str, revision: str | None, profile: str, shard_files: list, work_dir: str,
+                  source_name: str, source_hash: str, profile_hash: str) -> dict[str, Any]:
+    return pl.assemble_shards(source, revision, profile, shard_files, work_dir, source_hash=source_hash,
+                              profile_hash=profile_hash)
+
+
+@flow(name="convert-shards", log_prints=True)
+def convert_shards(source: str, revision: str | None, profile: str, work_dir: str, source_name: str,
+                   source_hash: str, profile_hash: str, shards: int) -> dict[str, Any]:
+    """Per-tensor-group quantization fanned out on the flow's task runner (threads or Dask), then one
+    assembly into the content-addressed key directory. Byte-identical to the direct conversion."""
+    key = pl.convert_key(source_hash, profile_hash)
+    d = pl.key_dir(work_dir, source_name, key)
+    if pl.load_record(d, "convert") is not None:  # finished before: no quantization work
+        return {**pl.load_record(d, "convert"), "reused": True}
+    groups = shard_plan_task(source, revision, profile, shards, source_hash)
+    futs = [quantize_shard_task.submit(source, revision, profile, g, str(d), source_hash, i)
+            for i, g in enumerate(groups)]
+    files = [f.result()["path"] for f in futs]
+    return assemble_task(source, revision, profile, files, work_dir, source_name, source_hash, profile_hash)
+
+
+def make_task_runner(spec: str):
+    """``threads`` → Prefect's ThreadPoolTaskRunner; ``dask`` → a local 2-process Dask cluster;
+    ``tcp://HOST:PORT`` (or ``dask://HOST:PORT``) → an existing Dask scheduler."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    if spec == "threads":
+        return ThreadPoolTaskRunner(max_workers=4)
+    from prefect_dask import DaskTaskRunner
+
+    # Dask worker processes import this module by name: make the checkout importable there
+    pp = os.environ.get("PYTHONPATH", "")
+    if str(REPO_ROOT) not in pp.split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([pp] if pp else []))
+    if spec == "dask":
+        return DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
+                                              "dashboard_address": None})
+    return DaskTaskRunner(address="tcp://" + spec.split("://", 1)[1] if spec.startswith("dask://") else spec)
+
+
 @task(name="validate", cache_policy=NO_CACHE)
 def validate_task(cellm_path: str, source: str, revision: str | None, source_hash: str) -> dict[str, Any]:
     return pl.validate_step(cellm_path, source, revision, source_hash)
@@ -178,8 +231,18 @@ def run_build(flow_name: str, *, source: str, revision: str | None, profile: str
     log.info("source %s → %s (content %s)", source, src["path"], src["content_hash"][:16])
     pln = step("plan", plan_task, source, revision, profile, src["content_hash"])
     log.info("profile %s (gate class %s): %s", pln["profile"], pln["gate_class"], pln["bytes_per_scheme"])
-    conv = step("convert", convert_task, source, revision, profile, work_dir, src["name"], src["content_hash"],
-                pln["profile_hash"], threads)
+    if shards == 0:
+        shards = 1 if task_runner == "threads" else 4
+    if shards == 1:
+        conv = step("convert", convert_task, source, revision, profile, work_dir, src["name"], src["content_hash"],
+                    pln["profile_hash"], threads)
+    else:
+        t0 = time.perf_counter()
+        sub = convert_shards.with_options(task_runner=make_task_runner(task_runner))
+        conv = sub(source, revision, profile, work_dir, src["name"], src["content_hash"], pln["profile_hash"], shards)
+        timings["convert"] = round(time.perf_counter() - t0, 3)
+        cached["convert"] = bool(conv.get("reused"))
+        log.info("converted in %d shards on task runner %s", shards, task_runner)
     log.info("artifact %s (%d bytes, sha256 %s, reused=%s)", conv["path"], conv["nbytes"], conv["sha256"],
              cached["convert"])
     step("validate", validate_task, conv["path"], source, revision, src["content_hash"])
@@ -258,7 +321,7 @@ def _make_flow(flow_name: str):
         evaluate: bool = True,
         publish: bool = True,
         task_runner: str = "threads",
-        shards: int = 1,
+        shards: int = 0,
         threads: int = 2,
         work_dir: str = DEFAULT_WORK_DIR,
         eval_settings: dict | None = None,
