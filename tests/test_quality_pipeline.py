@@ -150,3 +150,23 @@ def test_spearman_independent():
     rng = np.random.default_rng(0)
     a, b = rng.random(30), rng.random(30)
     assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic)
+
+
+def test_sharded_measurement_merges_to_the_full_result(tiny):
+    from cellm.quality.sensitivity import merge, quantizable, unit_of
+
+    ck, w, eng = tiny
+    ids = _ids(ck.config, 1, 12, seed=4)
+    ref = Reference(eng, ids)
+    st = C.collect(eng, ids)
+    cands = ("f16", "i8", "q4g32-gptq")
+    full = measure(eng, ref, st, candidates=cands)
+    units = sorted({unit_of(n) for n in quantizable(w)})
+    parts = []
+    for i in range(2):
+        mine = set(units[i::2])
+        parts.append(measure(eng, ref, st, candidates=cands,
+                             tensors=[n for n in quantizable(w) if unit_of(n) in mine]))
+    merged = merge(parts, w)
+    assert merged.kl == full.kl and merged.nbytes == full.nbytes and merged.members == full.members
+    assert merged.fixed_bytes == full.fixed_bytes

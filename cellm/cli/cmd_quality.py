@@ -29,6 +29,8 @@ def register(subparsers) -> None:
     s.add_argument("--no-cache", action="store_true", help="re-measure even when cached")
     s.add_argument("--validate", type=int, default=0, metavar="N",
                    help="also measure N (tensor, scheme) pairs directly and report the rank correlation")
+    s.add_argument("--shard", default=None, metavar="I/N",
+                   help="measure only part I of N (run N processes in parallel; a later call merges)")
     s.add_argument("--json", action="store_true", help="print the measurements as JSON")
     s.set_defaults(func=run_sensitivity)
 
@@ -61,7 +63,8 @@ def run_sensitivity(args) -> int:
 
     t0 = time.time()
     sess = _session(args.source)
-    sens = sensitivity(sess, use_cache=not args.no_cache,
+    shard = tuple(int(x) for x in args.shard.split("/")) if args.shard else None
+    sens = sensitivity(sess, use_cache=not args.no_cache, shard=shard,
                        progress=lambda m: print(m, file=sys.stderr, flush=True))
     if args.validate:
         import numpy as np

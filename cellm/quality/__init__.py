@@ -80,8 +80,15 @@ def open_session(source: Any, *, cache_dir=None, windows: int = SENS_WINDOWS,
 
 def sensitivity(sess: Session, *, candidates: Sequence[str] = DEFAULT_CANDIDATES,
                 probe: str = DEFAULT_PROBE, use_cache: bool = True, granularity: str = "block",
+                shard: tuple[int, int] | None = None,
                 progress: Callable[[str], None] | None = None) -> Sensitivity:
-    """Per-tensor sensitivity of a session's source (cached)."""
+    """Per-unit sensitivity of a session's source (cached).
+
+    ``shard=(i, n)`` measures only every n-th unit starting at i and saves a part file; separate
+    processes can measure the parts in parallel, and a later call without ``shard`` merges them
+    (the merged result is identical to a single run: units are measured independently)."""
+    from cellm.quality.sensitivity import merge, quantizable, unit_of
+
     h = sess.ckpt.content_hash
     key = sensitivity_key(h, candidates, probe, sess.ids, sess.stats.key, granularity)
     path = sensitivity_path(h, key, sess.cache_dir)
@@ -90,6 +97,25 @@ def sensitivity(sess: Session, *, candidates: Sequence[str] = DEFAULT_CANDIDATES
             return Sensitivity.load(path)
         except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
             pass
+    units = sorted({unit_of(n, granularity) for n in quantizable(sess.engine.w)})
+    if shard is not None:
+        i, n = shard
+        mine = set(units[i::n])
+        part = path.with_name(path.stem + f".part{i}of{n}.json")
+        if use_cache and part.is_file():
+            return Sensitivity.load(part)
+        names = [t for t in quantizable(sess.engine.w) if unit_of(t, granularity) in mine]
+        sens = measure(sess.engine, sess.ref, sess.stats, candidates=candidates, probe=probe,
+                       tensors=names, source_hash=h, granularity=granularity, progress=progress)
+        sens.save(part)
+        return sens
+    if use_cache:
+        for n in range(2, 9):
+            parts = [path.with_name(path.stem + f".part{i}of{n}.json") for i in range(n)]
+            if all(p.is_file() for p in parts):
+                sens = merge([Sensitivity.load(p) for p in parts], sess.engine.w)
+                sens.save(path)
+                return sens
     sens = measure(sess.engine, sess.ref, sess.stats, candidates=candidates, probe=probe,
                    source_hash=h, granularity=granularity, progress=progress)
     if use_cache:

@@ -188,6 +188,20 @@ def measure(engine: Engine, ref: Reference, stats: CalibrationStats, *,
                        nbytes=nbytes, fixed_bytes=fixed, seconds=time.time() - t0, members=members)
 
 
+def merge(parts: Sequence[Sensitivity], weights: Mapping[str, np.ndarray]) -> Sensitivity:
+    """Combine shard results (disjoint units) into one Sensitivity."""
+    first = parts[0]
+    out = dataclasses.replace(first, kl={}, measured={}, top1={}, err={}, nbytes={}, members={},
+                              seconds=0.0)
+    for p in parts:
+        for f in ("kl", "measured", "top1", "err", "nbytes", "members"):
+            getattr(out, f).update(getattr(p, f))
+        out.seconds = max(out.seconds, p.seconds)
+    covered = {n for ms in out.members.values() for n in ms}
+    out.fixed_bytes = sum(scheme_bytes(n, a.shape, "f16") for n, a in weights.items() if n not in covered)
+    return out
+
+
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     ra = np.argsort(np.argsort(np.asarray(a, dtype=np.float64)))
     rb = np.argsort(np.argsort(np.asarray(b, dtype=np.float64)))
