@@ -214,6 +214,8 @@ def convert(
         source = open_source(str(source))
     prof = load_profile(profile)
     shapes = {n: tuple(source.shape(n)) for n in source.tensor_names()}
+    if getattr(source.config, "tie_word_embeddings", True):
+        shapes.pop("lm_head.weight", None)  # tied: the runtime uses model.embed_tokens.weight
     plan = prof.plan(shapes)
     if calibration is None and any(getattr(_scheme(e.scheme), "needs_calibration", False) for e in plan.entries):
         # calibration-based schemes (cellm.quality): X^T X per weight input, cached per source

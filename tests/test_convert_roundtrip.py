@@ -305,3 +305,13 @@ def test_output_mode_follows_umask(ckpt, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(res.path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_tied_checkpoint_with_redundant_lm_head_writes_none(tmp_path):
+    cfg = tiny_config()
+    w = random_weights(cfg, seed=1)
+    w["lm_head.weight"] = w["model.embed_tokens.weight"].copy()  # some exports save the tie
+    d = make_checkpoint(tmp_path / "tied", cfg, weights=w)
+    res = convert(str(d), "int8-v1", tmp_path / "t.cellm")
+    header, raw = read_cellm(res.path)
+    assert "lm_head.weight" not in raw and "model.embed_tokens.weight" in raw
