@@ -4,8 +4,9 @@ Tensors are processed in name order, big tensors in row chunks, by a small threa
 releases the GIL); results are consumed in order and streamed through :class:`CellmWriter`, so peak
 memory is a few chunks plus the small companion (scale/zero-point) arrays. Every output — the
 ``.cellm`` and its sidecars ``<stem>.tokenizer.json`` / ``<stem>.NOTICE`` — is written to a temp file
-``.<name>.tmp-<pid>`` in the target directory, fsynced and renamed into place; on any error the temp
-files are removed and no ``.cellm`` appears.
+in the target directory (sidecars ``.<name>.tmp-<pid>``, the ``.cellm`` CellmWriter's
+``.<name>.<random>.tmp``), fsynced and renamed into place, sidecars first; on any error the temp
+files are removed and no ``.cellm`` appears (a SIGKILL can only leave a temp file behind).
 """
 
 from __future__ import annotations
@@ -236,6 +237,8 @@ def convert(
     done = 0
     writer = _StreamingWriter(final, header, specs)
     threads = max(1, int(threads))
+    sidecars: list[Path] = []
+    had_cellm = True
     try:
         items = _work_items(source, plan)
         with cf.ThreadPoolExecutor(max_workers=threads) as pool:
@@ -273,20 +276,23 @@ def convert(
                         raise CellmError(f"tensor {entry.name}: unexpected parts {sorted(companions)}")
                 if progress is not None:
                     progress(entry.name, done, total)
-        sidecars = []
+        # sidecars first (each atomic), then the .cellm rename: a .cellm never lacks its tokenizer
+        had_cellm = final.exists()
+        tok_path = notice_path = None
         if tok_bytes is not None:
             tok_path = stem.with_name(stem.name + ".tokenizer.json")
-            atomic_write_bytes(tok_path, tok_bytes)
             sidecars.append(tok_path)
-        else:
-            tok_path = None
-        notice_path = None
+            atomic_write_bytes(tok_path, tok_bytes)
         if notice_bytes is not None:
             notice_path = stem.with_name(stem.name + ".NOTICE")
+            sidecars.append(notice_path)
             atomic_write_bytes(notice_path, notice_bytes)
-            writer.close()
+        writer.close()
     except BaseException:
         writer.abort()
+        if not had_cellm:  # nothing of a failed first conversion stays behind
+            for p in sidecars:
+                p.unlink(missing_ok=True)
         raise
     sha, nbytes = writer.sha256, writer.nbytes
     return ConvertResult(

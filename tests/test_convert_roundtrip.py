@@ -315,3 +315,26 @@ def test_tied_checkpoint_with_redundant_lm_head_writes_none(tmp_path):
     res = convert(str(d), "int8-v1", tmp_path / "t.cellm")
     header, raw = read_cellm(res.path)
     assert "lm_head.weight" not in raw and "model.embed_tokens.weight" in raw
+
+
+class NoSidecarSource:
+    """A checkpoint without tokenizer.json and without a NOTICE."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, k):
+        return getattr(self._inner, k)
+
+    tokenizer_json = None
+    notice = None
+
+
+def test_source_without_notice_or_tokenizer(ckpt, tmp_path):
+    from cellm.sources import open_source
+
+    res = convert(NoSidecarSource(open_source(str(ckpt[0]))), "int4-v1", tmp_path / "n.cellm")
+    assert res.path.is_file() and res.tokenizer is None and res.notice is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["n.cellm"]
+    header, _ = read_cellm(res.path)
+    assert header["cellm_tokenizer_sha256"] is None
