@@ -26,7 +26,6 @@ from cellm.format.constants import (
     MAX_NDIM,
     MIN_FILE_SIZE,
     PREFIX_LEN,
-    SCALE_SUFFIX,
     VERSION,
     ZERO_SUFFIX,
     TensorInfo,
