@@ -148,20 +148,6 @@ def _process(source, entry, rows: slice | None, calibration: Any = None) -> dict
         raise QuantizationError(f"tensor {entry.name}{where}: {exc}") from exc
 
 
-def _umask() -> int:
-    """The process umask, read without changing it (Linux), else via the set-and-restore dance."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    m = os.umask(0o022)
-    os.umask(m)
-    return m
-
-
 class _StreamingWriter(CellmWriter):
     """CellmWriter that hashes everything it emits and accepts a tensor in row-chunk parts."""
 
@@ -169,10 +155,6 @@ class _StreamingWriter(CellmWriter):
         self._sha = hashlib.sha256()
         self._part_bytes = 0
         super().__init__(path, header, specs)
-        try:  # mkstemp creates 0600; artifacts get the usual umask-derived mode (e.g. 0644)
-            os.fchmod(self._f.fileno(), 0o666 & ~_umask())
-        except (OSError, AttributeError):
-            pass
 
     def _emit(self, data) -> None:
         self._sha.update(data)
