@@ -59,6 +59,11 @@ class WeightSource(Protocol):
 class GraphOptions:
     accuracy_level: int = 4  # MatMulNBits accuracy_level (1 = fp32, 4 = int8 activations)
     context_length: int = 0  # rows of the RoPE tables (0 -> max_position_embeddings)
+    lm_head_accuracy_level: int | None = None  # None -> accuracy_level
+    fp32_projections: tuple[str, ...] = ()  # projections kept at accuracy_level 1, e.g. ("o_proj", "down_proj")
+
+    def level(self, proj: str) -> int:
+        return 1 if proj in self.fp32_projections else self.accuracy_level
 
 
 class GraphBuilder:
@@ -269,7 +274,7 @@ def make_attention(g: GraphBuilder, ws: WeightSource, i: int, x: str, mask: tupl
     cfg = ws.config
     hf = f"model.layers.{i}.self_attn"
     p = f"/model/layers.{i}/attn"
-    lvl, eps = opts.accuracy_level, cfg.rms_norm_eps
+    lvl, eps = opts.level("qkv_proj"), cfg.rms_norm_eps
     nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     parts = [ws.linear(f"{hf}.{n}_proj.weight") for n in "qkv"]
     packed = pack_rows(parts)
@@ -286,7 +291,8 @@ def make_attention(g: GraphBuilder, ws: WeightSource, i: int, x: str, mask: tupl
     g.node("GroupQueryAttention", f"{p}/GroupQueryAttention", attn_in, domain=MS, outputs=outs,
            num_heads=nh, kv_num_heads=nkv, scale=float(cfg.attn_scale), local_window_size=window,
            do_rotary=1, rotary_interleaved=0, softcap=float(cfg.attn_logit_softcapping or 0.0))
-    return make_linear(g, f"{p}/o_proj", f"{hf}.o_proj.weight", outs[0], ws.linear(f"{hf}.o_proj.weight"), lvl)
+    return make_linear(g, f"{p}/o_proj", f"{hf}.o_proj.weight", outs[0], ws.linear(f"{hf}.o_proj.weight"),
+                       opts.level("o_proj"))
 
 
 def make_mlp(g: GraphBuilder, ws: WeightSource, i: int, x: str, opts: GraphOptions) -> str:
@@ -297,12 +303,13 @@ def make_mlp(g: GraphBuilder, ws: WeightSource, i: int, x: str, opts: GraphOptio
     """
     hf = f"model.layers.{i}.mlp"
     p = f"/model/layers.{i}/mlp"
-    lvl = opts.accuracy_level
+    lvl = opts.level("gate_up_proj")
     gate = make_linear(g, f"{p}/gate_proj", f"{hf}.gate_proj.weight", x, ws.linear(f"{hf}.gate_proj.weight"), lvl)
     up = make_linear(g, f"{p}/up_proj", f"{hf}.up_proj.weight", x, ws.linear(f"{hf}.up_proj.weight"), lvl)
     act = g.one("Gelu", f"{p}/act_fn/Gelu", [gate], approximate="tanh")
     m = g.one("Mul", f"{p}/Mul", [act, up])
-    return make_linear(g, f"{p}/down_proj", f"{hf}.down_proj.weight", m, ws.linear(f"{hf}.down_proj.weight"), lvl)
+    return make_linear(g, f"{p}/down_proj", f"{hf}.down_proj.weight", m, ws.linear(f"{hf}.down_proj.weight"),
+                       opts.level("down_proj"))
 
 
 def make_layer(g: GraphBuilder, ws: WeightSource, i: int, residual: str, normed: str,
@@ -384,7 +391,8 @@ def make_model(ws: WeightSource, opts: GraphOptions = GraphOptions()) -> onnx.Mo
         h, m = make_layer(g, ws, i, h, x, mask, ropes, opts)
         n = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < cfg.num_hidden_layers else "model.norm.weight"
         x, h = make_skip_norm(g, n, h, m, ws.vector(n), eps)
-    make_lm_head(g, x, emb, cfg.vocab_size, opts.accuracy_level)
+    lm_lvl = opts.accuracy_level if opts.lm_head_accuracy_level is None else opts.lm_head_accuracy_level
+    make_lm_head(g, x, emb, cfg.vocab_size, lm_lvl)
     ins, outs = make_io(cfg)
     graph = helper.make_graph(g.nodes, "cellm-gemma3", ins, outs, list(g.initializers.values()))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
