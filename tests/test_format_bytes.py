@@ -333,3 +333,18 @@ def test_written_file_mode_follows_umask(tmp_path):
     finally:
         os.umask(old)
     assert (p.stat().st_mode & 0o777) == 0o644
+
+
+@pytest.mark.parametrize("stc", [
+    {"model_type": "gemma3_text", "hidden_size": "x"},
+    {"model_type": "gemma3_text", "vocab_size": 8, "hidden_size": 4, "intermediate_size": 6,
+     "num_hidden_layers": 1, "num_attention_heads": 1, "rms_norm_eps": "tiny"},
+    {"model_type": "llama"},
+])
+def test_bad_source_text_config_is_a_cellm_error(tmp_path, stc):
+    from cellm.errors import CellmError
+
+    p = write_cellm(tmp_path / "c.cellm", dict(BASE, source_text_config=stc),
+                    {"x": ("f16", (1,), np.zeros(1, np.float16))})
+    with CellmReader(p) as r, pytest.raises(CellmError):
+        r.config

@@ -82,7 +82,8 @@ def test_fuzz_never_crashes(valid_bytes, tmp_path, m):
 @given(hdr=st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False), st.text(max_size=5)),
     lambda c: st.one_of(st.lists(c, max_size=4), st.dictionaries(st.sampled_from(
-        ["tensors", "name", "dtype", "shape", "offset_bytes", "nbytes", "x"]), c, max_size=5)),
+        ["tensors", "name", "dtype", "shape", "offset_bytes", "nbytes", "x", "source_text_config",
+         "model_type", "hidden_size", "rms_norm_eps", "rope_parameters", "layer_types"]), c, max_size=6)),
     max_leaves=20))
 def test_fuzz_header_json(tmp_path, hdr):
     """Arbitrary JSON headers (and tensors entries) followed by some data never crash the reader."""
