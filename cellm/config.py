@@ -74,6 +74,15 @@ class GemmaTextConfig:
     @classmethod
     def from_hf(cls, raw: Mapping[str, Any]) -> "GemmaTextConfig":
         """Parse a HF ``config.json`` dict (gemma3 or gemma3_text, transformers 4 or 5 style)."""
+        try:
+            return cls._from_hf(raw)
+        except (TypeError, ValueError, AttributeError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"malformed Gemma-3 config: {exc}") from exc
+
+    @classmethod
+    def _from_hf(cls, raw: Mapping[str, Any]) -> "GemmaTextConfig":
         if not isinstance(raw, Mapping):
             raise ConfigError(f"config must be a JSON object, got {type(raw).__name__}")
         outer_type = str(raw.get("model_type", ""))

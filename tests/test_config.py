@@ -102,3 +102,10 @@ def test_missing_key():
     del raw["vocab_size"]
     with pytest.raises(ConfigError, match="vocab_size"):
         GemmaTextConfig.from_hf(raw)
+
+
+@pytest.mark.parametrize("patch", [{"rms_norm_eps": "tiny"}, {"eos_token_id": [None]}, {"rope_theta": [1]},
+                                   {"layer_types": None, "sliding_window_pattern": "6"}])
+def test_wrongly_typed_values_raise_config_error(patch):
+    with pytest.raises(ConfigError):
+        GemmaTextConfig.from_hf({**T4_270M, **patch})
