@@ -181,19 +181,21 @@ def main(argv: list[str] | None = None) -> int:
 
     tok = Tokenizer.for_artifact(ckpt)
     prompt = tok.encode("The capital of France is", add_bos=True)
-    models = {k: og.Model(str(r["dir"])) for k, r in rows.items()}
-    engines = {k: load_ort_model(r["dir"], threads=args.threads) for k, r in rows.items() if r["ours"]}
     log(f"speed: {len(prompt)}-token prompt, {args.decode_tokens} decode tokens, {args.reps} interleaved reps")
-    for k in rows:
-        genai_speed(models[k], prompt, 4)  # warm-up (prepacking, allocations)
-    for rep in range(args.reps):
+    for rep in range(args.reps):  # one model in memory at a time (the f16-embedding exports are large)
         for k, r in rows.items():
-            pf, tps = genai_speed(models[k], prompt, args.decode_tokens)
+            model = og.Model(str(r["dir"]))
+            genai_speed(model, prompt, 4)  # warm-up
+            pf, tps = genai_speed(model, prompt, args.decode_tokens)
+            del model
             r.setdefault("prefill", []).append(pf)
             r.setdefault("decode", []).append(tps)
-            if k in engines:
-                r.setdefault("engine", []).append(engine_speed(engines[k], prompt, args.decode_tokens))
-    del engines
+            if r["ours"]:
+                eng = load_ort_model(r["dir"], threads=args.threads)
+                engine_speed(eng, prompt, 4)
+                r.setdefault("engine", []).append(engine_speed(eng, prompt, args.decode_tokens))
+                del eng
+            log(f"  rep {rep} {k}: prefill {1000 * pf:.1f} ms, decode {tps:.1f} tok/s")
     if not args.no_kl:
         from cellm.eval import evaluate
 

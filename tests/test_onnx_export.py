@@ -289,3 +289,18 @@ def test_missing_or_bad_paths(tmp_path):
     with pytest.raises(ExportError, match="accuracy_level"):
         export_onnx(tmp_path / "nope.cellm", tmp_path / "o", accuracy_level=7)
     assert os.listdir(tmp_path) == ["file"]
+
+
+def test_context_length_limits_the_engine(exports, tmp_path):
+    from cellm.errors import ModelRuntimeError
+
+    art, _ = exports["int8-v1"]
+    out = export_onnx(art, tmp_path / "ctx", accuracy_level=1, context_length=16)
+    assert json.loads((out / "genai_config.json").read_text())["model"]["context_length"] == 16
+    m = load_ort_model(out)
+    st = m.new_state()
+    m.forward(np.arange(10, 26), st)  # exactly 16 positions
+    with pytest.raises(ModelRuntimeError, match="exceeds"):
+        m.forward(np.array([5]), st)
+    with pytest.raises(ExportError, match="context_length"):
+        export_onnx(art, tmp_path / "ctx2", context_length=10**6)

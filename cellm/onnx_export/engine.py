@@ -36,14 +36,18 @@ class OrtState:
     kv: list  # list[tuple[OrtValue, OrtValue]], each [1, kv_heads, capacity, head_dim]
 
 
-def _config_from_dir(d: Path) -> GemmaTextConfig:
+def _config_from_dir(d: Path) -> tuple[GemmaTextConfig, int]:
+    """The model config and the export's context length (rows of its RoPE tables)."""
     meta = d / "cellm_config.json"
     if not meta.is_file():
         raise ModelRuntimeError(f"{d} has no cellm_config.json (not a cellm ONNX export)")
     try:
-        return GemmaTextConfig.from_hf(json.loads(meta.read_text("utf-8")))
-    except (ValueError, OSError) as exc:
+        raw = json.loads(meta.read_text("utf-8"))
+        cfg = GemmaTextConfig.from_hf(raw)
+        ctx = int((raw.get("cellm_export") or {}).get("context_length") or cfg.max_position_embeddings)
+    except (ValueError, OSError, TypeError) as exc:
         raise ModelRuntimeError(f"{meta}: {exc}") from exc
+    return cfg, min(ctx, cfg.max_position_embeddings)
 
 
 class OrtCausalLM:
@@ -57,7 +61,7 @@ class OrtCausalLM:
         model_file = self.path / "model.onnx"
         if not model_file.is_file():
             raise ModelRuntimeError(f"{self.path} has no model.onnx")
-        self.config = _config_from_dir(self.path)
+        self.config, context = _config_from_dir(self.path)
         so = ort.SessionOptions()
         so.intra_op_num_threads = int(threads or DEFAULT_THREADS)
         so.inter_op_num_threads = 1
@@ -68,7 +72,7 @@ class OrtCausalLM:
             raise ModelRuntimeError(f"onnxruntime cannot load {model_file}: {exc}") from exc
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.initial_capacity = int(initial_capacity)
-        self.max_context = int(self.config.max_position_embeddings)
+        self.max_context = context
         self.description = f"onnxruntime ({self.path.name})"
 
     # ------------------------------------------------------------------ protocol
@@ -91,7 +95,7 @@ class OrtCausalLM:
         if total > self.max_context:
             raise ModelRuntimeError(
                 f"context of {total} tokens exceeds the limit of {self.max_context} "
-                f"(max_position_embeddings={cfg.max_position_embeddings})"
+                f"(the export's context_length; max_position_embeddings={cfg.max_position_embeddings})"
             )
         if total > state.capacity:
             self._grow(state, total)
