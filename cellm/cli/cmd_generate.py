@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if args.engine == "onnxruntime":
         from cellm.onnx_export.engine import load_ort_model
 
-        model = load_ort_model(args.model)
+        model = load_ort_model(args.model, threads=args.threads)
         d = Path(args.model)
         tok = Tokenizer.for_artifact(d if d.is_dir() else d.parent)
         if args.max_context:

@@ -35,9 +35,18 @@ def context_limit(model: Any) -> int:
     return int(getattr(model, "max_context", None) or model.config.max_position_embeddings)
 
 
+def _accepts_last_only(model: Any) -> bool:
+    import inspect
+
+    try:
+        return "last_only" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _last_logits(model: Any, ids: np.ndarray, state: Any) -> np.ndarray:
-    if hasattr(model, "hidden"):  # numpy model: skip the LM head for all but the last position
-        return model.forward(ids, state, last_only=True)[-1]
+    if _accepts_last_only(model):  # skip the LM head for all but the last position
+        return np.asarray(model.forward(ids, state, last_only=True))[-1]
     return np.asarray(model.forward(ids, state))[-1]
 
 
