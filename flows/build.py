@@ -147,13 +147,17 @@ def make_task_runner(spec: str):
         return ThreadPoolTaskRunner(max_workers=4)
     from prefect_dask import DaskTaskRunner
 
-    # Dask worker processes import this module by name: make the checkout importable there
-    pp = os.environ.get("PYTHONPATH", "")
-    if str(REPO_ROOT) not in pp.split(os.pathsep):
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([pp] if pp else []))
     if spec == "dask":
+        # Local worker processes must import this module by name and report task runs to the same
+        # Prefect API as this flow (in ephemeral/test mode that URL exists only in this process).
+        from prefect.client.orchestration import get_client
+
+        pp = os.environ.get("PYTHONPATH", "")
+        env = {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT)] + ([pp] if pp else [])),
+               "PREFECT_API_URL": str(get_client().api_url).rstrip("/"),
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
         return DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
-                                              "dashboard_address": None})
+                                              "dashboard_address": None, "env": env})
     return DaskTaskRunner(address="tcp://" + spec.split("://", 1)[1] if spec.startswith("dask://") else spec)
 
 

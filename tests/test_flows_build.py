@@ -19,7 +19,8 @@ prefect = pytest.importorskip("prefect")
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter  # noqa: E402
 from prefect.client.schemas.filters import LogFilterFlowRunId  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from flows_harness import prefect_harness  # noqa: E402,F401
 
 LAX_GATES = """
 [int8]
@@ -34,10 +35,6 @@ mean_kl = { max = 1000.0 }
 EVAL = {"max_tokens": 256, "window": 64, "gen_tokens": 8}
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
 
 
 def _sha(p: Path) -> str:
