@@ -100,3 +100,25 @@ def test_last_only_and_hook():
     for name, shape in seen.items():
         assert shape == (12, w[name].shape[1]), name
     assert sum(1 for n in w if w[n].ndim == 2) == len(seen)
+
+
+def test_hidden_batch_matches_per_sequence_decode():
+    cfg = tiny_config()
+    w = random_weights(cfg, seed=6)
+    model = GemmaModel(DenseWeights(cfg, w))
+    prompts = [np.arange(3, 3 + n) for n in (4, 11, 1)]  # 11 > window 8
+    solo, states = [], []
+    for pr in prompts:
+        st = model.new_state()
+        model.hidden(pr, st)
+        states.append(st)
+        ref_st = model.new_state()
+        model.hidden(pr, ref_st)
+        solo.append(model.hidden(np.asarray([7]), ref_st)[0])
+        solo[-1] = (solo[-1], model.hidden(np.asarray([9]), ref_st)[0])
+    h1 = model.hidden_batch(np.asarray([7, 7, 7]), states)
+    h2 = model.hidden_batch(np.asarray([9, 9, 9]), states)
+    for b in range(3):
+        np.testing.assert_allclose(h1[b], solo[b][0], atol=1e-5)
+        np.testing.assert_allclose(h2[b], solo[b][1], atol=1e-5)
+    assert [s.pos for s in states] == [6, 13, 3]

@@ -42,25 +42,28 @@ def greedy_batch(model: Any, prompts: Sequence[Sequence[int]], max_new: int, sto
     from cellm.runtime.generate import generate_ids
     from cellm.runtime.sampling import SamplingParams
 
-    if not hasattr(model, "hidden"):
+    if not hasattr(model, "hidden_batch"):
         return [generate_ids(model, p, SamplingParams(max_new_tokens=max_new), stop_ids=stop_ids).new_ids
                 for p in prompts]
     stops = set(int(s) for s in stop_ids)
     states = [model.new_state() for _ in prompts]
     outs: list[list[int]] = [[] for _ in prompts]
     live = list(range(len(prompts)))
-    feed = {i: np.asarray(p, dtype=np.int64) for i, p in enumerate(prompts)}
+    last: dict[int, int] = {}
     for step in range(max_new):
         if not live:
             break
-        hs = np.concatenate([model.hidden(feed[i], states[i])[-1:] for i in live])  # [n_live, H]
+        if step == 0:  # prefill each prompt (GEMMs), then batch the new tokens of all prompts
+            hs = np.concatenate([model.hidden(np.asarray(prompts[i], dtype=np.int64), states[i])[-1:] for i in live])
+        else:
+            hs = model.hidden_batch(np.asarray([last[i] for i in live]), [states[i] for i in live])  # [n_live, H]
         nxt = np.argmax(model.logits(hs), axis=-1)
         still = []
         for i, tok in zip(live, nxt.tolist()):
             if tok in stops:
                 continue
             outs[i].append(int(tok))
-            feed[i] = np.asarray([tok], dtype=np.int64)
+            last[i] = int(tok)
             still.append(i)
         live = still
         if progress is not None:

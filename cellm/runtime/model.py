@@ -136,8 +136,7 @@ class GemmaModel:
         return self.logits(h, on_linear_input=on_linear_input)
 
     # ------------------------------------------------------------------ pieces
-    def hidden(self, ids: np.ndarray, state: KVState, on_linear_input: Optional[LinearHook] = None) -> np.ndarray:
-        """Final-normed hidden states [T, H] (before the LM head)."""
+    def _check(self, ids: np.ndarray, state: KVState) -> np.ndarray:
         cfg = self.config
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         t = ids.shape[0]
@@ -151,11 +150,36 @@ class GemmaModel:
                 f"context of {state.pos + t} tokens exceeds the limit of {self.max_context} "
                 f"(max_position_embeddings={cfg.max_position_embeddings})"
             )
-        pos = np.arange(state.pos, state.pos + t, dtype=np.int64)  # [T]
+        return ids
+
+    def hidden(self, ids: np.ndarray, state: KVState, on_linear_input: Optional[LinearHook] = None) -> np.ndarray:
+        """Final-normed hidden states [T, H] (before the LM head)."""
+        ids = self._check(ids, state)
+        return self._run(ids, [state], [len(ids)], on_linear_input)
+
+    def hidden_batch(self, ids: np.ndarray, states: list[KVState]) -> np.ndarray:
+        """One new token per sequence: ids [B] for ``states`` [B] -> hidden [B, H]. The matrices are
+        read once for the whole batch; attention runs per sequence on its own cache."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(ids) != len(states):
+            raise ModelRuntimeError(f"hidden_batch: {len(ids)} ids for {len(states)} states")
+        for i, st in zip(ids, states):
+            self._check(np.asarray([i]), st)
+        return self._run(ids, states, [1] * len(ids), None)
+
+    def _run(self, ids: np.ndarray, states: list[KVState], lens: list[int], hook) -> np.ndarray:
+        cfg = self.config
+        # segments: (first row, last row + 1, state, absolute positions of its rows)
+        segs, a = [], 0
+        for st, n in zip(states, lens):
+            segs.append((a, a + n, st, np.arange(st.pos, st.pos + n, dtype=np.int64)))
+            a += n
+        pos = np.concatenate([sg[3] for sg in segs])  # [T]
         h = self.weights.embed_rows(ids) * self.embed_scale  # [T, H]
         for i in range(cfg.num_hidden_layers):
-            h = self._layer(i, h, pos, state.layers[i], on_linear_input)
-        state.pos += t
+            h = self._layer(i, h, pos, segs, hook)
+        for st, n in zip(states, lens):
+            st.pos += n
         return rms_norm(h, self.weights.vector("model.norm.weight"), cfg.rms_norm_eps)
 
     def logits(self, h: np.ndarray, on_linear_input: Optional[LinearHook] = None) -> np.ndarray:
@@ -174,12 +198,12 @@ class GemmaModel:
             hook(name, x)
         return x @ self.weights.matrix(name).T
 
-    def _layer(self, i: int, h: np.ndarray, pos: np.ndarray, cache: LayerCache, hook) -> np.ndarray:
+    def _layer(self, i: int, h: np.ndarray, pos: np.ndarray, segs: list, hook) -> np.ndarray:
         cfg, w = self.config, self.weights
         p = layer_prefix(i)
         eps = cfg.rms_norm_eps
         x = rms_norm(h, w.vector(f"{p}.input_layernorm.weight"), eps)  # [T, H]
-        a = self._attention(i, x, pos, cache, hook)  # [T, H]
+        a = self._attention(i, x, pos, segs, hook)  # [T, H]
         h = h + rms_norm(a, w.vector(f"{p}.post_attention_layernorm.weight"), eps)
         x = rms_norm(h, w.vector(f"{p}.pre_feedforward_layernorm.weight"), eps)  # [T, H]
         g = self._linear(f"{p}.mlp.gate_proj.weight", x, hook)  # [T, F]
@@ -187,7 +211,7 @@ class GemmaModel:
         m = self._linear(f"{p}.mlp.down_proj.weight", gelu_tanh(g) * u, hook)  # [T, H]
         return h + rms_norm(m, w.vector(f"{p}.post_feedforward_layernorm.weight"), eps)
 
-    def _attention(self, i: int, x: np.ndarray, pos: np.ndarray, cache: LayerCache, hook) -> np.ndarray:
+    def _attention(self, i: int, x: np.ndarray, pos: np.ndarray, segs: list, hook) -> np.ndarray:
         cfg, w = self.config, self.weights
         p = f"{layer_prefix(i)}.self_attn"
         t, nh, nkv, hd = x.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -199,6 +223,17 @@ class GemmaModel:
         rope = cfg.rope_for(i)
         cos, sin = rope_tables(rope.theta, rope.factor, hd, pos)  # [T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = np.empty((t, nh * hd), np.float32)  # [T, nh*hd]
+        for a, b, state, spos in segs:
+            out[a:b] = self._attend(i, q[:, a:b], k[:, a:b], v[:, a:b], spos, state.layers[i])
+        return self._linear(f"{p}.o_proj.weight", out, hook)  # [T, H]
+
+    def _attend(self, i: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray,
+                cache: LayerCache) -> np.ndarray:
+        # one sequence: q [nh, T, hd], k/v [nkv, T, hd] (new rows), pos [T] -> [T, nh*hd]
+        cfg = self.config
+        nh, t, hd = q.shape
+        nkv = k.shape[0]
         cache.append(k, v)
         keys, vals = cache.k[:, : cache.n], cache.v[:, : cache.n]  # [nkv, S, hd]
         kpos = np.arange(cache.start, cache.start + cache.n, dtype=np.int64)  # [S]
@@ -218,7 +253,6 @@ class GemmaModel:
         probs = np.exp(scores)
         probs /= probs.sum(axis=-1, keepdims=True)
         out = probs.reshape(nkv, g * t, -1) @ vals  # [nkv, g*T, hd]
-        out = out.reshape(nh, t, hd).transpose(1, 0, 2).reshape(t, nh * hd)  # [T, nh*hd]
         if sliding:
             cache.keep_last(cfg.sliding_window - 1)
-        return self._linear(f"{p}.o_proj.weight", out, hook)  # [T, H]
+        return out.reshape(nh, t, hd).transpose(1, 0, 2).reshape(t, nh * hd)
