@@ -6,7 +6,8 @@ the builder's ``-p int4 -e cpu`` export of the same checkpoint, in ONE run:
 * bytes on disk (model.onnx + external data; tokenizer files excluded),
 * prefill time and decode tokens/s with 2 intra-op threads, measured with the SAME harness for all
   (onnxruntime-genai Model/Generator, greedy, max_length 1024 — the builder's windowed cache needs
-  >= 512 — models interleaved, best of ``--reps``), plus our own engine's decode tokens/s,
+  >= 512 — one model loaded at a time, models interleaved; decode tokens/s = 1 / median step time,
+  best of ``--reps``: robust on a shared, loaded machine), plus our own engine's decode tokens/s,
 * mean next-token KL / top-1 agreement / perplexity ratio against the unquantized float32 model on
   the eval corpus (``cellm.eval.evaluate``: the default corpus windows and its cached reference;
   every candidate is run through onnxruntime-genai, so the builder export is scored the same way).
@@ -128,19 +129,23 @@ def genai_speed(model, prompt: list[int], n: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     gen.append_tokens(prompt)
     t1 = time.perf_counter()
+    steps = []
     for _ in range(n):
+        a = time.perf_counter()
         gen.generate_next_token()
-    t2 = time.perf_counter()
-    return t1 - t0, n / (t2 - t1)
+        steps.append(time.perf_counter() - a)
+    return t1 - t0, 1.0 / float(np.median(steps))
 
 
 def engine_speed(m, prompt: list[int], n: int) -> float:
     st = m.new_state()
     lg = m.forward(np.array(prompt), st, last_only=True)
-    t = time.perf_counter()
+    steps = []
     for _ in range(n):
+        a = time.perf_counter()
         lg = m.forward(np.array([int(lg[-1].argmax())]), st, last_only=True)
-    return n / (time.perf_counter() - t)
+        steps.append(time.perf_counter() - a)
+    return 1.0 / float(np.median(steps))
 
 
 def main(argv: list[str] | None = None) -> int:

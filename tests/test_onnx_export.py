@@ -149,8 +149,9 @@ def test_matmulnbits_initializers_dequantize_to_the_artifact_exactly(exports, pr
             w = _nbits_dequant(inits[node.input[1]], inits[node.input[2]], zp, a["K"], a["N"], a["bits"], a["block_size"])
             base = node.input[1].removesuffix(".qweight")
             if ".qkv_proj." in base:
-                refs = [r.dequantize(base.replace("qkv_proj", f"{p}_proj")) for p in "qkv"]
-                ref = np.concatenate(refs)
+                ref = np.concatenate([r.dequantize(base.replace("qkv_proj", f"{p}_proj")) for p in "qkv"])
+            elif ".gate_up_proj." in base:
+                ref = np.concatenate([r.dequantize(base.replace("gate_up_proj", f"{p}_proj")) for p in ("gate", "up")])
             else:
                 ref = r.dequantize(base if base.endswith(".weight") else base + ".weight")
             assert np.array_equal(w, ref), node.name
@@ -165,6 +166,7 @@ def test_graph_checks_names_io_and_determinism(exports, tmp_path):
     names = [n.name for n in model.graph.node]
     assert len(names) == len(set(names)) and all(n.startswith("/") for n in names)
     for want in ("/model/layers.0/attn/qkv_proj/MatMulNBits", "/model/layers.2/mlp/down_proj/MatMulNBits",
+                 "/model/layers.1/mlp/gate_up_proj/MatMulNBits",
                  "/model/layers.1/attn/GroupQueryAttention", "/model/embed_tokens/GatherBlockQuantized",
                  "/lm_head/MatMulNBits"):
         assert want in names

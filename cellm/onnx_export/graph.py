@@ -298,14 +298,22 @@ def make_attention(g: GraphBuilder, ws: WeightSource, i: int, x: str, mask: tupl
 def make_mlp(g: GraphBuilder, ws: WeightSource, i: int, x: str, opts: GraphOptions) -> str:
     """Gated MLP: down(gelu_tanh(gate(x)) * up(x)).
 
-        x ─┬─► gate_proj ─► Gelu(tanh) ─┐
-           └─► up_proj ─────────────────┴─► Mul ─► down_proj ─► out
+        x ─► gate_up_proj (gate|up rows packed) ─► Split ─┬─► gate ─► Gelu(tanh) ─┐
+                                                          └─► up ─────────────────┴─► Mul ─► down_proj ─► out
+    When gate and up are stored in different formats they stay two projections (no Split).
     """
     hf = f"model.layers.{i}.mlp"
     p = f"/model/layers.{i}/mlp"
     lvl = opts.level("gate_up_proj")
-    gate = make_linear(g, f"{p}/gate_proj", f"{hf}.gate_proj.weight", x, ws.linear(f"{hf}.gate_proj.weight"), lvl)
-    up = make_linear(g, f"{p}/up_proj", f"{hf}.up_proj.weight", x, ws.linear(f"{hf}.up_proj.weight"), lvl)
+    gate_w, up_w = ws.linear(f"{hf}.gate_proj.weight"), ws.linear(f"{hf}.up_proj.weight")
+    packed = pack_rows([gate_w, up_w])
+    if packed is not None:
+        gu = make_linear(g, f"{p}/gate_up_proj", f"{hf}.gate_up_proj.weight", x, packed, lvl)
+        n = ws.config.intermediate_size
+        gate, up = g.node("Split", f"{p}/gate_up_proj/Split", [gu, g.ints([n, n])], 2, axis=-1)
+    else:
+        gate = make_linear(g, f"{p}/gate_proj", f"{hf}.gate_proj.weight", x, gate_w, lvl)
+        up = make_linear(g, f"{p}/up_proj", f"{hf}.up_proj.weight", x, up_w, lvl)
     act = g.one("Gelu", f"{p}/act_fn/Gelu", [gate], approximate="tanh")
     m = g.one("Mul", f"{p}/Mul", [act, up])
     return make_linear(g, f"{p}/down_proj", f"{hf}.down_proj.weight", m, ws.linear(f"{hf}.down_proj.weight"),
