@@ -41,10 +41,16 @@ def _sha(p: Path) -> str:
     return hashlib.sha256(Path(p).read_bytes()).hexdigest()
 
 
-def _logs(flow_run_id) -> str:
-    with get_client(sync_client=True) as c:
-        logs = c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-    return "\n".join(lg.message for lg in logs)
+def _logs(flow_run_id, needle: str | None = None, timeout: float = 30.0) -> str:
+    """The flow run's logs as the server stored them (logs ship in batches: wait for ``needle``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as c:
+            logs = c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        text = "\n".join(lg.message for lg in logs)
+        if needle is None or needle in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.5)
 
 
 def _artifacts(flow_run_id) -> list:
@@ -152,7 +158,7 @@ def test_bad_input_fails_fast_with_library_message(prefect_harness, tiny_ckpt, t
     st = build_int4(**kw, return_state=True)
     took = time.perf_counter() - t0
     assert st.is_failed()
-    assert message in _logs(st.state_details.flow_run_id)
+    assert message in _logs(st.state_details.flow_run_id, message)
     assert took < 30, f"bad input took {took:.1f}s to fail"
     assert _registry_files(reg) == []
     assert not list((tmp_path / "work").rglob("*.cellm"))
@@ -167,8 +173,7 @@ def test_unreachable_hub_source_fails_without_retry_storm(prefect_harness, tmp_p
                     registry=f"file://{tmp_path / 'reg'}", return_state=True)
     assert st.is_failed()
     assert time.perf_counter() - t0 < 30
-    logs = _logs(st.state_details.flow_run_id)
-    assert "no-such-org/no-such-model" in logs
+    assert "no-such-org/no-such-model" in _logs(st.state_details.flow_run_id, "no-such-org/no-such-model")
     assert not (tmp_path / "reg").exists() or _registry_files(tmp_path / "reg") == []
 
 
@@ -177,4 +182,4 @@ def test_bad_parameter_type_rejected(prefect_harness, tmp_path):
 
     st = build_int8(export_onnx="sometimes", work_dir=str(tmp_path), return_state=True)
     assert st.is_failed()
-    assert "export_onnx" in str(st.message) or "export_onnx" in _logs(st.state_details.flow_run_id)
+    assert "export_onnx" in str(st.message) or "export_onnx" in _logs(st.state_details.flow_run_id, "export_onnx")
