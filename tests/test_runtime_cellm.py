@@ -113,3 +113,16 @@ def test_other_architecture_rejected(tiny_artifacts, tmp_path):
     junk.write_bytes(b"NOTCELLM" + b"\0" * 20)
     with pytest.raises(ModelRuntimeError, match="not a .cellm file"):
         load_model(junk)
+
+
+def test_cli_generate_onnxruntime_engine_matches_numpy(tiny_artifacts, tmp_path, capsys):
+    from cellm.onnx_export.export import export_onnx
+
+    _, arts = tiny_artifacts
+    out = export_onnx(arts["f16"], tmp_path / "onnx", accuracy_level=1)
+    args = ["--prompt", "hello", "--max-new-tokens", "8"]
+    assert main(["generate", str(arts["f16"]), *args]) == 0
+    numpy_text = capsys.readouterr().out
+    assert main(["generate", str(out), "--engine", "onnxruntime", *args]) == 0
+    cap = capsys.readouterr()
+    assert cap.out == numpy_text and "decode" in cap.err
