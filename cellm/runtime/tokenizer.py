@@ -40,7 +40,7 @@ class Tokenizer:
         if hasattr(artifact, "tokenizer_json"):
             return cls.from_any(artifact.tokenizer_json, f"checkpoint {getattr(artifact, 'name', '')}")
         p = Path(artifact)
-        if p.is_file() or p.is_dir():
+        if (p.is_file() and p.suffix == ".cellm") or (p.is_dir() and (p / "tokenizer.json").is_file()):
             return cls(find_tokenizer(p))
         from cellm.sources import open_source
 
