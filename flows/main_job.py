@@ -1,11 +1,13 @@
 """Main job: build the embedded default model with all three flows and say where everything is.
 
     python -m flows.main_job [--source gemma-3-270m] [--work-dir work] [--registry file://artifacts]
-                             [--no-onnx] [--eval-max-tokens N] [--task-runner threads|dask|tcp://...]
+                             [--no-onnx] [--eval-max-tokens 512] [--eval-gen-tokens 16] [--full-eval]
+                             [--task-runner threads|dask|tcp://...]
 
 Runs ``build-int8``, ``build-int4`` and ``build-mixed-int4`` one after another in this process
 (against ``$PREFECT_API_URL`` when set, e.g. the stack of ``infra/stack.sh``; otherwise Prefect's
-temporary local server), then prints per profile: verdict, size, gate metrics, the artifact, the
+temporary local server) with a quick evaluation (first 512 eval-corpus tokens, 16 greedy tokens per
+prompt; ``--full-eval`` for the nightly one), then prints per profile: verdict, size, gate metrics, the artifact, the
 run report, the registry reference and the size-versus-quality plot. Exit code 0 when every flow run
 completed (published or blocked by its gate), 1 when one failed.
 """
@@ -24,8 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work-dir", default=os.environ.get("CELLM_WORK_DIR", "work"))
     ap.add_argument("--registry", default="file://artifacts")
     ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
-    ap.add_argument("--eval-max-tokens", type=int, default=None,
-                    help="evaluate on the first N corpus tokens only (default: the whole eval corpus)")
+    ap.add_argument("--eval-max-tokens", type=int, default=512,
+                    help="evaluate on the first N eval-corpus tokens (default 512: the quick main-job eval)")
+    ap.add_argument("--eval-gen-tokens", type=int, default=16, help="greedy tokens per prompt (default 16)")
+    ap.add_argument("--full-eval", action="store_true",
+                    help="the full default evaluation (whole corpus, 32 generated tokens; what nightly runs)")
     ap.add_argument("--task-runner", default="threads")
     ap.add_argument("--flows", default="build-int8,build-int4,build-mixed-int4")
     args = ap.parse_args(argv)
@@ -35,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.build import FLOWS
 
-    eval_settings = {"max_tokens": args.eval_max_tokens} if args.eval_max_tokens else None
+    eval_settings = None if args.full_eval else {"max_tokens": args.eval_max_tokens,
+                                                  "gen_tokens": args.eval_gen_tokens}
     rows, failed = [], 0
     t_all = time.perf_counter()
     for name in [n.strip() for n in args.flows.split(",") if n.strip()]:

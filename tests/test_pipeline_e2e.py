@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 STACK = REPO / "infra" / "stack.sh"
 # a shorter eval than the default keeps CI time reasonable; the reference statistics for these
 # settings are cached under $CELLM_CACHE/eval after the first run
-E2E_EVAL = {"max_tokens": 1024, "gen_tokens": 16}
+E2E_EVAL = {"max_tokens": 512, "gen_tokens": 16}
 
 
 def _free_port() -> int:
