@@ -76,16 +76,16 @@ def test_sampling_seeded_and_filters(tiny):
 
 def test_sampler_distribution_top_k_top_p():
     logits = np.log(np.array([0.5, 0.25, 0.15, 0.1], np.float64)).astype(np.float32)
-    n = 20000
+    n = 5000
     s = Sampler(SamplingParams(temperature=1.0, seed=0))
     freq = np.bincount([s(logits) for _ in range(n)], minlength=4) / n
-    np.testing.assert_allclose(freq, [0.5, 0.25, 0.15, 0.1], atol=0.015)
+    np.testing.assert_allclose(freq, [0.5, 0.25, 0.15, 0.1], atol=0.03)
     s = Sampler(SamplingParams(temperature=1.0, top_k=2, seed=0))
     freq = np.bincount([s(logits) for _ in range(n)], minlength=4) / n
-    np.testing.assert_allclose(freq, [2 / 3, 1 / 3, 0, 0], atol=0.015)
+    np.testing.assert_allclose(freq, [2 / 3, 1 / 3, 0, 0], atol=0.03)
     s = Sampler(SamplingParams(temperature=1.0, top_p=0.8, seed=0))  # 0.5+0.25 < 0.8 -> keep 3
     freq = np.bincount([s(logits) for _ in range(n)], minlength=4) / n
-    np.testing.assert_allclose(freq, [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0], atol=0.015)
+    np.testing.assert_allclose(freq, [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0], atol=0.03)
 
 
 def test_stops_on_eos_and_context(tiny):
