@@ -2,10 +2,11 @@
 
 Model: the KL of a mixed model is predicted as the SUM of the per-tensor KLs measured by
 ``cellm.quality.sensitivity`` (small perturbations of different tensors add up to first order).
-That makes the choice a multiple-choice knapsack; we solve it with the classic greedy on each
-tensor's lower convex hull of (bytes, KL): start every tensor at its cheapest scheme, then
-repeatedly apply the upgrade with the largest KL reduction per extra byte that still fits. Ties are
-broken by tensor name, so the result is a deterministic function of the cached measurements.
+That makes the choice a multiple-choice knapsack; we solve it exactly by dynamic programming over
+the byte budget (discretised, costs rounded up). A greedy on convex hulls fails here: the tied
+embedding is one huge item (its i8 upgrade costs 71 MB at once) that a ratio greedy never affords
+after spending the budget on small upgrades. The result is a deterministic function of the cached
+measurements.
 
 The result is written as an ordinary profile TOML (exact-name rules, then ``.*`` -> f16), with a
 comment header holding the budget, the predicted KL and the byte counts.
@@ -113,49 +114,64 @@ def by_family(sens: Sensitivity) -> Sensitivity:
 
 
 def allocate(sens: Sensitivity, budget_bytes: int, *, candidates: Sequence[str] | None = None,
-             budget_spec: str = "", forced: Mapping[str, str] | None = None) -> Allocation:
-    """Greedy multiple-choice knapsack on the convex hulls. ``forced`` pins tensors to schemes."""
+             budget_spec: str = "", forced: Mapping[str, str] | None = None,
+             resolution: int = 20000) -> Allocation:
+    """Exact multiple-choice knapsack by dynamic programming over the byte budget, discretised into
+    ``resolution`` steps with every cost rounded UP (so the result always fits; at most one step of
+    slack per unit is lost). ``forced`` pins units to schemes. Deterministic (ties: the first
+    candidate in ``candidates`` order / the lower capacity)."""
+    import numpy as np
+
     cands = tuple(candidates or sens.candidates)
     forced = dict(forced or {})
-    hulls: dict[str, list[tuple[int, float, str]]] = {}
-    for t in sorted(sens.kl):
+    units = sorted(sens.kl)
+    opts: list[list[tuple[int, float, str]]] = []
+    for t in units:
         if t in forced:
             s = forced[t]
-            hulls[t] = [(sens.nbytes[t][s], sens.kl[t][s], s)]
-            continue
-        opts = [(sens.nbytes[t][s], float(sens.kl[t][s]), s) for s in cands if s in sens.kl[t]]
-        if not opts:
+            o = [(sens.nbytes[t][s], float(sens.kl[t][s]), s)]
+        else:
+            o = [(sens.nbytes[t][s], float(sens.kl[t][s]), s) for s in cands if s in sens.kl[t]]
+        if not o:
             raise CellmError(f"no candidate scheme measured for {t}; measured: {sorted(sens.kl[t])}")
-        hulls[t] = _hull(opts)
-    pos = {t: 0 for t in hulls}
-    used = sens.fixed_bytes + sum(h[0][0] for h in hulls.values())
-    if used > budget_bytes:
+        opts.append(o)
+    minimum = sens.fixed_bytes + sum(min(b for b, _, _ in o) for o in opts)
+    if minimum > budget_bytes:
         raise CellmError(
-            f"budget {budget_bytes} bytes is below the smallest possible size {used} bytes "
+            f"budget {budget_bytes} bytes is below the smallest possible size {minimum} bytes "
             f"(every tensor at its cheapest candidate)"
         )
-    while True:
-        best = None
-        for t, h in hulls.items():
-            i = pos[t]
-            if i + 1 >= len(h):
+    cap_bytes = budget_bytes - sens.fixed_bytes
+    step = max(1, -(-cap_bytes // int(resolution)))
+    cap = cap_bytes // step
+    inf = np.inf
+    dp = np.full(cap + 1, inf)
+    dp[0] = 0.0
+    choice = np.zeros((len(units), cap + 1), dtype=np.int16)
+    for i, o in enumerate(opts):
+        new = np.full(cap + 1, inf)
+        for j, (b, k, _) in enumerate(o):
+            w = -(-b // step)
+            if w > cap:
                 continue
-            db = h[i + 1][0] - h[i][0]
-            dk = h[i][1] - h[i + 1][1]
-            if used + db > budget_bytes:
-                continue
-            ratio = dk / max(db, 1)
-            key = (ratio, t)
-            if best is None or key > best[0]:
-                best = (key, t, db)
-        if best is None:
-            break
-        _, t, db = best
-        pos[t] += 1
-        used += db
-    schemes = {t: hulls[t][pos[t]][2] for t in hulls}
-    kl = sum(hulls[t][pos[t]][1] for t in hulls)
-    return Allocation(schemes=schemes, predicted_kl=float(kl), total_bytes=int(used),
+            cand = np.full(cap + 1, inf)
+            cand[w:] = dp[: cap + 1 - w] + k
+            better = cand < new
+            new[better] = cand[better]
+            choice[i][better] = j
+        dp = new
+    c = int(np.argmin(dp))  # lowest KL; argmin takes the smallest capacity among ties
+    if not np.isfinite(dp[c]):
+        raise CellmError(f"budget {budget_bytes} bytes cannot be met after rounding to {step}-byte steps")
+    schemes: dict[str, str] = {}
+    for i in range(len(units) - 1, -1, -1):
+        j = int(choice[i][c])
+        b, _, s = opts[i][j]
+        schemes[units[i]] = s
+        c -= -(-b // step)
+    total = sens.fixed_bytes + sum(sens.nbytes[t][s] for t, s in schemes.items())
+    kl = sum(float(sens.kl[t][s]) for t, s in schemes.items())
+    return Allocation(schemes=dict(sorted(schemes.items())), predicted_kl=float(kl), total_bytes=int(total),
                       budget_bytes=int(budget_bytes), budget_spec=budget_spec or str(budget_bytes))
 
 
