@@ -144,17 +144,23 @@ def size_quality_png(runs: Iterable[dict], out_path: str | os.PathLike, *, sourc
 
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    runs = list(runs)
+    fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=100)
     try:
         for r in runs:
             size = (r.get("nbytes") or 0) / 2**20
             y = (r.get("eval") or {}).get(metric)
             status = r.get("status", "built")
             color = {"published": "tab:green", "blocked": "tab:red"}.get(status, "tab:gray")
-            ax.scatter([size], [y if y is not None else 0.0], s=60, color=color,
-                       marker="o" if y is not None else "x")
-            ax.annotate(f"{r.get('profile')} ({status}{'' if y is not None else ', n/a'})", (size, y or 0.0),
+            y_plot = y if y is not None else 0.0
+            ax.scatter([size], [y_plot], s=60, color=color, marker="o" if y is not None else "x")
+            ax.annotate(f"{r.get('profile')} ({status}{'' if y is not None else ', n/a'})", (size, y_plot),
                         textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.margins(x=0.3, y=0.15)
+        ys = [(r.get("eval") or {}).get(metric) for r in runs]
+        ys = [y for y in ys if isinstance(y, (int, float)) and y > 0]
+        if ys and max(ys) / min(ys) > 20:  # KLs of int8 and int4 differ by orders of magnitude
+            ax.set_yscale("log")
         ax.set_xlabel("artifact size (MiB)")
         ax.set_ylabel(f"{metric} vs f32 reference (lower is better)")
         ax.set_title(f"size vs quality: {source}" if source else "size vs quality")
