@@ -54,7 +54,7 @@ def test_dp_matches_exhaustive_optimum(frac):
     assert a.total_bytes == sens.fixed_bytes + sum(sens.nbytes[t][s] for t, s in a.schemes.items())
     assert a.predicted_kl == pytest.approx(sum(sens.kl[t][s] for t, s in a.schemes.items()))
     opt = _brute(sens, budget)
-    # exact DP (costs rounded up to budget/20000-byte steps): the exhaustive optimum, or within
+    # exact DP (costs rounded up to budget/200000-byte steps): the exhaustive optimum, or within
     # the rounding slack of it
     assert opt - 1e-15 <= a.predicted_kl <= opt * 1.02 + 1e-15
 

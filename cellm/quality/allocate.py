@@ -115,7 +115,7 @@ def by_family(sens: Sensitivity) -> Sensitivity:
 
 def allocate(sens: Sensitivity, budget_bytes: int, *, candidates: Sequence[str] | None = None,
              budget_spec: str = "", forced: Mapping[str, str] | None = None,
-             resolution: int = 20000) -> Allocation:
+             resolution: int = 200000) -> Allocation:
     """Exact multiple-choice knapsack by dynamic programming over the byte budget, discretised into
     ``resolution`` steps with every cost rounded UP (so the result always fits; at most one step of
     slack per unit is lost). ``forced`` pins units to schemes. Deterministic (ties: the first
