@@ -138,6 +138,32 @@ def convert_shards(source: str, revision: str | None, profile: str, work_dir: st
     return assemble_task(source, revision, profile, files, work_dir, source_name, source_hash, profile_hash)
 
 
+def _export_and_evaluate(cellm_path, key_dir, key, source, revision, source_hash, cellm_sha256, eval_settings,
+                         threads, export_onnx, evaluate) -> dict[str, tuple[dict, bool, float]]:
+    t0 = time.perf_counter()
+    futs = {}
+    if export_onnx:
+        futs["export-onnx"] = export_onnx_task.submit(cellm_path, key_dir, key)
+    if evaluate:
+        futs["evaluate"] = evaluate_task.submit(cellm_path, source, revision, key_dir, source_hash, cellm_sha256,
+                                                eval_settings, threads)
+    out = {}
+    for name, fut in futs.items():
+        fut.wait()
+        st = fut.state
+        res = st.result()  # raises the task's exception
+        out[name] = (res, st.name == "Cached" or bool(res.get("reused")), round(time.perf_counter() - t0, 3))
+    return out
+
+
+@flow(name="check-artifact", log_prints=True)
+def check_artifact(cellm_path: str, key_dir: str, key: str, source: str, revision: str | None, source_hash: str,
+                   cellm_sha256: str, eval_settings: dict, threads: int, export_onnx: bool, evaluate: bool) -> dict:
+    """ONNX export and evaluation of one artifact as concurrent tasks on this sub-flow's runner."""
+    return _export_and_evaluate(cellm_path, key_dir, key, source, revision, source_hash, cellm_sha256,
+                                eval_settings, threads, export_onnx, evaluate)
+
+
 def make_task_runner(spec: str):
     """``threads`` → Prefect's ThreadPoolTaskRunner; ``dask`` → a local 2-process Dask cluster;
     ``tcp://HOST:PORT`` (or ``dask://HOST:PORT``) → an existing Dask scheduler."""
@@ -263,19 +289,16 @@ def run_build(flow_name: str, *, source: str, revision: str | None, profile: str
         "build_key": pl.build_key(src["content_hash"], pln["profile_hash"], inputs["gate_hash"],
                                   pl.package_version(), inputs["gate_class"]),
     }
-    # export and evaluate only read the artifact: run them concurrently on the task runner
-    t0 = time.perf_counter()
-    exp_f = export_onnx_task.submit(conv["path"], key_dir, conv["key"]) if export_onnx else None
-    ev_f = (evaluate_task.submit(conv["path"], source, revision, key_dir, src["content_hash"], conv["sha256"],
-                            eval_settings or {}, threads) if evaluate else None)
-    for name, fut in (("export-onnx", exp_f), ("evaluate", ev_f)):
-        if fut is None:
-            continue
-        fut.wait()
-        st = fut.state
-        res = st.result()
-        timings[name] = round(time.perf_counter() - t0, 3)
-        cached[name] = st.name == "Cached" or bool(res.get("reused"))
+    # export and evaluate only read the artifact: run them concurrently on the task runner (on Dask:
+    # in the sub-flow `check-artifact`, so each runs on a cluster worker)
+    args = (conv["path"], key_dir, conv["key"], source, revision, src["content_hash"], conv["sha256"],
+            eval_settings or {}, threads, export_onnx, evaluate)
+    if task_runner == "threads":
+        checked = _export_and_evaluate(*args)
+    else:
+        checked = check_artifact.with_options(task_runner=make_task_runner(task_runner))(*args)
+    for name, (res, was_cached, secs) in checked.items():
+        timings[name], cached[name] = secs, was_cached
         if name == "export-onnx":
             summary["onnx_dir"] = res["dir"]
         else:

@@ -90,7 +90,8 @@ def test_sigkill_during_conversion_leaves_nothing_partial_and_rerun_completes(pr
 def test_dask_local_cluster_is_byte_identical_to_default_runner(prefect_harness, tiny_ckpt, tmp_path):
     from flows.build import build_mixed_int4
 
-    common = dict(source=str(tiny_ckpt), export_onnx=False, evaluate=False, registry=f"file://{tmp_path / 'reg'}")
+    common = dict(source=str(tiny_ckpt), registry=f"file://{tmp_path / 'reg'}", publish=False,
+                  eval_settings={"max_tokens": 128, "window": 64, "gen_tokens": 4})
     a = build_mixed_int4(**common, work_dir=str(tmp_path / "threads"), return_state=True)
     b = build_mixed_int4(**common, work_dir=str(tmp_path / "dask"), task_runner="dask", shards=3, return_state=True)
     sa, sb = a.result(), b.result()
@@ -98,3 +99,6 @@ def test_dask_local_cluster_is_byte_identical_to_default_runner(prefect_harness,
     assert Path(sa["cellm_path"]).read_bytes() == Path(sb["cellm_path"]).read_bytes()
     assert _sha(sb["cellm_path"]) == sa["sha256"]
     assert not list((tmp_path / "dask").rglob("*.npz")), "shards must be removed after assembly"
+    # export and evaluation ran on the cluster too: same ONNX bytes, same metrics
+    assert (Path(sa["onnx_dir"]) / "model.onnx").read_bytes() == (Path(sb["onnx_dir"]) / "model.onnx").read_bytes()
+    assert sa["eval"] == sb["eval"] and sa["verdict"]["passed"] == sb["verdict"]["passed"]
