@@ -9,8 +9,9 @@ the builder's ``-p int4 -e cpu`` export of the same checkpoint, in ONE run:
   >= 512 — one model loaded at a time, models interleaved; decode tokens/s = 1 / median step time,
   best of ``--reps``: robust on a shared, loaded machine), plus our own engine's decode tokens/s,
 * mean next-token KL / top-1 agreement / perplexity ratio against the unquantized float32 model on
-  the eval corpus (``cellm.eval.evaluate``: the default corpus windows and its cached reference;
-  every candidate is run through onnxruntime-genai, so the builder export is scored the same way).
+  the eval corpus (``corpus_kl``: cellm.eval's windows and metrics, the first ``--kl-windows``
+  windows, reference statistics from the eval cache; every candidate is run through
+  onnxruntime-genai, so the builder export is scored the same way).
 
 The builder needs help on transformers-5 configs: it gets a copy of the checkpoint folder whose
 config.json uses the flat transformers-4 keys, and runs under a shim that re-flattens what
@@ -148,6 +149,52 @@ def engine_speed(m, prompt: list[int], n: int) -> float:
     return 1.0 / float(np.median(steps))
 
 
+def corpus_kl(cand, ckpt: Path, tok, n_windows: int, threads: int) -> dict:
+    """Mean next-token KL / top-1 / perplexity ratio vs the float32 reference on the eval corpus.
+
+    Same definitions and windows as ``cellm.eval.evaluate`` (``<bos>`` + 511 corpus tokens per window,
+    KL on the reference's top-256 + tail bucket), scored on the first ``n_windows`` windows. The
+    reference statistics come from the eval cache (``cellm eval`` computes them once per checkpoint);
+    missing, they are computed here with the numpy runtime (slow).
+    """
+    import importlib
+    import math
+
+    from cellm.eval import data, metrics, reference
+    from cellm.eval.runner import teacher_forced
+    from cellm.runtime import load_model
+
+    ev = importlib.import_module("cellm.eval.evaluate")
+    _, ref_id, _ = ev._resolve(str(ckpt))
+    text, csha = data.read_text(None, data.DEFAULT_CORPUS)
+    ptext, psha = data.read_text(None, data.DEFAULT_PROMPTS)
+    ids = tok.encode(text, add_bos=False)
+    windows = data.corpus_windows(ids, tok.bos_id, ev.DEFAULT_WINDOW)
+    key = reference.cache_key(ref=ref_id, corpus=csha, prompts=psha, window=ev.DEFAULT_WINDOW, k=ev.DEFAULT_TOP_K,
+                              gen=ev.DEFAULT_GEN_TOKENS, max_tokens=None)
+    stats = reference.load(reference.cache_dir(), key)
+    windows = windows[:n_windows]
+    if stats is None:
+        log("reference statistics not cached: computing them with the numpy runtime (float32)")
+        stats = reference.compute(load_model(str(ckpt), threads=threads), windows, [], k=ev.DEFAULT_TOP_K,
+                                  gen_tokens=0, stop_ids=[1], key=key)
+    kl, top1, tlp, off = [], [], [], [0]
+
+    def consume(lp: np.ndarray, tgt: np.ndarray) -> None:
+        a, b = off[0], off[0] + len(tgt)
+        kl.append(metrics.kl_topk(stats.top_idx[a:b], stats.top_lp[a:b], lp))
+        top1.append(np.argmax(lp, axis=-1) == stats.top_idx[a:b, 0])
+        tlp.append(np.take_along_axis(lp, tgt[:, None], -1)[:, 0])
+        off[0] = b
+
+    teacher_forced(cand, windows, consume)
+    n = off[0]
+    nll_c = -np.concatenate(tlp).astype(np.float64)
+    nll_r = -stats.target_lp[:n].astype(np.float64)
+    return {"kl": float(np.concatenate(kl).mean()), "top1": float(np.concatenate(top1).mean()),
+            "ppl_ratio": float(math.exp(nll_c.mean() - nll_r.mean())), "tokens": n}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", default=None, help="HF-layout checkpoint dir (default: the embedded 270M)")
@@ -157,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-kl", action="store_true")
+    ap.add_argument("--kl-windows", type=int, default=8, help="corpus windows of 512 tokens scored for KL")
     ap.add_argument("--no-builder", action="store_true")
     args = ap.parse_args(argv)
 
@@ -202,15 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                 del eng
             log(f"  rep {rep} {k}: prefill {1000 * pf:.1f} ms, decode {tps:.1f} tok/s")
     if not args.no_kl:
-        from cellm.eval import evaluate
-
         for k, r in rows.items():
-            log(f"eval {k}")
-            rep = evaluate(GenaiLM(r["dir"], cfg), str(ckpt), threads=args.threads)
-            r["kl"] = rep.metrics["mean_kl"]
-            r["top1"] = rep.metrics["top1_agreement"]
-            r["ppl_ratio"] = rep.metrics["ppl_ratio"]
-            r["tokens"] = rep.metrics["tokens"]
+            log(f"KL {k}")
+            r.update(corpus_kl(GenaiLM(r["dir"], cfg), ckpt, tok, args.kl_windows, args.threads))
 
     base = rows.get("builder int4 (-p int4 -e cpu)")
     lines = ["| export | MB on disk | prefill ms (7 tok) | decode tok/s (genai) | vs builder | decode tok/s (cellm engine) "
