@@ -67,15 +67,11 @@ def build_key(source_hash: str, profile_hash: str, gate_hash: str, version: str,
     return step_key("build", source_hash, profile_hash, gate_hash, version, *extra)
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (the one implementation lives in ``cellm.sources.cache``)."""
+    from cellm.sources.cache import sha256_file
+
+    return sha256_file(Path(path))
 
 
 def gate_config_hash(gate: str | os.PathLike | None = None) -> str:

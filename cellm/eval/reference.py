@@ -34,8 +34,9 @@ class ReferenceStats:
 def cache_dir(override: Optional[str | os.PathLike] = None) -> Path:
     if override is not None:
         return Path(override)
-    root = os.environ.get("CELLM_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "cellm") / "eval"
+    from cellm.sources.cache import cache_root
+
+    return cache_root() / "eval"
 
 
 def cache_key(**parts: Any) -> str:

@@ -40,8 +40,9 @@ def calibration_text() -> str:
 
 
 def quality_cache_dir(source_hash: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    root = Path(cache_dir or os.environ.get("CELLM_CACHE") or Path.home() / ".cache" / "cellm")
-    return root / "quality" / source_hash[:16]
+    from cellm.sources.cache import cache_root
+
+    return cache_root(cache_dir or None) / "quality" / source_hash[:16]
 
 
 def windows(ids: list[int], window: int, bos: int, max_windows: int | None = None) -> np.ndarray:
