@@ -223,21 +223,7 @@ def profile_toml(alloc: Allocation, sens: Sensitivity, *, name: str = "mixed-int
 
 def write_profile(path: str | Path, text: str) -> Path:
     from cellm.profile import parse_profile
-    from cellm.quality.sensitivity import write_json_atomic  # noqa: F401  (same atomic pattern)
-    import os
-    import tempfile
+    from cellm.atomic import atomic_write
 
     parse_profile(text.encode("utf-8"), str(path))  # must be a valid profile
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: f.write(text), binary=False)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
@@ -97,18 +96,11 @@ class CalibrationStats:
         return input_key(tensor_name) in self.xtx
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, __n_tokens=np.int64(self.n_tokens), __key=np.array(self.key),
-                         **{k.replace(".", "|"): v for k, v in self.xtx.items()})
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        from cellm.atomic import atomic_write
+
+        atomic_write(path, lambda f: np.savez(
+            f, __n_tokens=np.int64(self.n_tokens), __key=np.array(self.key),
+            **{k.replace(".", "|"): v for k, v in self.xtx.items()}))
 
     @classmethod
     def load(cls, path: Path) -> "CalibrationStats":

@@ -22,8 +22,6 @@ import dataclasses
 import hashlib
 import re
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -122,18 +120,9 @@ class Sensitivity:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from cellm.atomic import atomic_write
+
+    atomic_write(path, lambda f: json.dump(obj, f, indent=1, sort_keys=True), binary=False)
 
 
 def scheme_bytes(name: str, shape: tuple[int, ...], scheme: str) -> int:
