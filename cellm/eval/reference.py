@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from cellm.atomic import atomic_write
 from cellm.eval.metrics import top_k
 from cellm.eval.runner import Progress, greedy_batch, teacher_forced
 
@@ -62,18 +63,13 @@ def compute(model: Any, windows: Sequence[np.ndarray], prompts: Sequence[Sequenc
 
 
 def save(stats: ReferenceStats, directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"{stats.key}.npz"
-    tmp = directory / f".{stats.key}.{os.getpid()}.tmp.npz"
+    """Write ``<directory>/<key>.npz`` atomically (unique temp file + fsync + rename): concurrent
+    writers of the same key (threads or processes) each replace it with a complete, equal file."""
     gen_lens = np.asarray([len(g) for g in stats.generations], dtype=np.int64)
     gen_flat = np.asarray([t for g in stats.generations for t in g], dtype=np.int64)
-    with open(tmp, "wb") as f:
-        np.savez(f, top_idx=stats.top_idx, top_lp=stats.top_lp, target_lp=stats.target_lp,
-                 gen_lens=gen_lens, gen_flat=gen_flat)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    return final
+    return atomic_write(Path(directory) / f"{stats.key}.npz",
+                        lambda f: np.savez(f, top_idx=stats.top_idx, top_lp=stats.top_lp, target_lp=stats.target_lp,
+                                           gen_lens=gen_lens, gen_flat=gen_flat))
 
 
 def load(directory: Path, key: str) -> Optional[ReferenceStats]:
