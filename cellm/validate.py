@@ -32,15 +32,17 @@ from cellm.format.constants import (
     REQUIRED_HEADER_KEYS,
     SCALE_SUFFIX,
     VERSION,
+    ZERO_DTYPE,
     ZERO_SUFFIX,
     TensorInfo,
     align_up,
     get_dtype,
+    is_groupwise,
 )
 from cellm.names import expected_tensors
 
 CHUNK_BYTES = 32 << 20  # rows per scan chunk are chosen to stay near this many bytes
-QUANTIZED = ("i8", "i4")  # per-row v1 dtypes; q4g* handled by prefix
+QUANTIZED = ("i8", "i4")  # per-row v1 dtypes; group-wise q4g*/q6g* via is_groupwise
 _HEADER_TO_CONFIG = {
     "vocab_size": "vocab_size",
     "hidden_dim": "hidden_size",
@@ -91,7 +93,7 @@ def _is_int(v: Any) -> bool:
 
 
 def _quantized(dtype: str) -> bool:
-    return dtype in QUANTIZED or dtype.startswith("q4g")
+    return dtype in QUANTIZED or is_groupwise(dtype)
 
 
 class _Validator:
@@ -306,7 +308,7 @@ class _Validator:
                     self.add("companion", name + suf, None, f"{dtype} tensor {name} must not have a {suf} companion")
             return
         rows = info.shape[0] if info.shape else 0
-        if dtype.startswith("q4g"):
+        if is_groupwise(dtype):
             nb = -(-info.shape[1] // DTYPES[dtype].block)
             want_scale, want_zero = (rows, nb), (rows, nb)
         else:
@@ -320,7 +322,7 @@ class _Validator:
             s = self.storage(scale).astype(np.float32)
             # symmetric group-wise int4 (no .qzero) maps the largest-magnitude value to -8, so
             # its scales carry that value's sign: there they must only be finite and non-zero
-            signed = dtype.startswith("q4g") and zero is None and name + ZERO_SUFFIX not in names
+            signed = is_groupwise(dtype) and zero is None and name + ZERO_SUFFIX not in names
             ok = np.isfinite(s) & ((s != 0) if signed else (s > 0))
             bad = ~ok
             if bad.any():
@@ -331,9 +333,17 @@ class _Validator:
         if want_zero is None:
             if name + ZERO_SUFFIX in names:
                 self.add("companion", name + ZERO_SUFFIX, None, f"{dtype} tensor {name} must not have a {ZERO_SUFFIX}")
-        elif zero is not None and (zero.dtype != "u4" or zero.shape != want_zero):
+        elif zero is not None and (zero.dtype != ZERO_DTYPE[DTYPES[dtype].bits] or zero.shape != want_zero):
             self.add("companion", zero.name, zero.offset,
-                     f"must be u4 {list(want_zero)}, is {zero.dtype} {list(zero.shape)}")
+                     f"must be {ZERO_DTYPE[DTYPES[dtype].bits]} {list(want_zero)}, is {zero.dtype} {list(zero.shape)}")
+        elif zero is not None and zero.dtype == "u8":
+            zmax = (1 << DTYPES[dtype].bits) - 1
+            z = self.storage(zero)
+            if z.size and int(z.max()) > zmax:
+                idx = np.unravel_index(int(np.argmax(z > zmax)), z.shape)
+                self.add("zero", zero.name, zero.offset,
+                         f"zero point {int(z[idx])} at {list(map(int, idx))} exceeds the {DTYPES[dtype].bits}-bit "
+                         f"maximum {zmax}")
 
     def _finite(self, info: TensorInfo) -> None:
         if info.dtype != "f16" or info.nbytes == 0:

@@ -79,7 +79,7 @@ def test_exact_bytes_two_tensors(tmp_path):
         assert "cellm_extensions" not in r.header
 
 
-RTN_SCHEMES = ["f16", "i8", "i4"] + [f"q4g{b}{v}" for b in (32, 64, 128) for v in ("", "-sym")]
+RTN_SCHEMES = ["f16", "i8", "i4"] + [f"q{n}g{b}{v}" for n in (4, 6) for b in (32, 64, 128) for v in ("", "-sym")]
 
 
 def test_rtn_schemes_registered():
@@ -126,6 +126,16 @@ def test_u4_and_1d_i4_dtypes_round_trip(tmp_path):
         np.testing.assert_array_equal(r.view("z"), u)
         assert r.view("y").shape == (2,)
         with pytest.raises(FormatError, match="u4"):
+            r.dequantize("z")
+
+
+def test_u8_zero_points_are_a_companion_dtype(tmp_path):
+    z = np.array([[0, 63, 7]], dtype=np.uint8)
+    p = write_cellm(tmp_path / "u8.cellm", dict(BASE), {"z": ("u8", (1, 3), z)})
+    with CellmReader(p) as r:
+        np.testing.assert_array_equal(r.view("z"), z)
+        assert r.extensions == ["u8"]
+        with pytest.raises(FormatError, match="u8"):
             r.dequantize("z")
 
 

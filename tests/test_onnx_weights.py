@@ -21,6 +21,8 @@ CASES = [
     ("i8", (48, 64)), ("i8", (8, 40)), ("i4", (48, 640)), ("i4", (40, 96)), ("i4", (8, 40)), ("i4", (10, 33)),
     ("q4g32", (40, 96)), ("q4g32-sym", (40, 96)), ("q4g32", (12, 80)), ("q4g64", (36, 160)),
     ("q4g128", (20, 640)), ("q4g128-sym", (20, 200)),
+    ("q6g32", (40, 96)), ("q6g32-sym", (40, 96)), ("q6g32", (12, 80)), ("q6g64", (36, 160)),
+    ("q6g128", (20, 640)), ("q6g128-sym", (20, 200)),
 ]
 
 
@@ -63,8 +65,11 @@ def test_onnxruntime_dequantizes_stored_bits_exactly(scheme, shape):
     parts = sch.quantize(w)
     ref = sch.dequantize(parts, shape)  # what CellmReader.dequantize returns
     nb = nbits_from_storage("w", sch.dtype, parts, shape)
-    assert nb.bits == (8 if scheme == "i8" else 4)
-    if scheme.startswith("q4g"):
+    assert nb.bits == (8 if scheme == "i8" or scheme.startswith("q6g") else 4)
+    if scheme.startswith("q6g"):
+        assert nb.block_size == int(scheme[3:].split("-")[0])
+        assert (nb.zero_points is None) == scheme.endswith("-sym")
+    elif scheme.startswith("q4g"):
         assert nb.block_size == int(scheme[3:].split("-")[0])
         assert (nb.zero_points is None) == scheme.endswith("-sym")
         np.testing.assert_array_equal(nb.b.reshape(-1), np.asarray(parts[""]).reshape(-1))  # the stored bytes

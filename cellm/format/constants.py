@@ -10,7 +10,9 @@ f16        no          float16 ``shape``                        2 * prod(shape)
 i8         no          int8 ``shape``                           prod(shape)
 i4         no          uint8 ``[*lead, ceil(cols/2)]``          prod(lead) * ceil(cols/2)
 q4gB       yes         uint8 ``[N, ceil(K/B), B/2]``            N * ceil(K/B) * B/2
+q6gB       yes         uint8 ``[N, ceil(K/B), 3*B/4]``          N * ceil(K/B) * 3*B/4
 u4         yes         uint8 ``[*lead, ceil(cols/2)]``          prod(lead) * ceil(cols/2)
+u8         yes         uint8 ``shape``                          prod(shape)
 =========  ==========  =======================================  ==============================
 """
 
@@ -111,7 +113,8 @@ class DType:
     storage_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
     min_ndim: int = 0
     max_ndim: int = MAX_NDIM
-    block: int = 0  # group size for q4g dtypes
+    block: int = 0  # group size for group-wise dtypes (q4gB / q6gB)
+    bits: int = 0  # code width of group-wise dtypes (4 / 6)
 
     def nbytes(self, shape: tuple[int, ...]) -> int:
         return math.prod(self.storage_shape(shape)) * self.storage.itemsize
@@ -132,10 +135,10 @@ def _nibbles(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape[:-1]) + ((shape[-1] + 1) // 2,)
 
 
-def _blocks(block: int) -> Callable[[tuple[int, ...]], tuple[int, ...]]:
+def _blocks(block: int, bits: int = 4) -> Callable[[tuple[int, ...]], tuple[int, ...]]:
     def storage_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
         n, k = shape
-        return (n, (k + block - 1) // block, block // 2)
+        return (n, (k + block - 1) // block, block * bits // 8)
 
     return storage_shape
 
@@ -147,9 +150,21 @@ DTYPES: dict[str, DType] = {
     "i8": DType("i8", np.dtype("i1"), False, _same),
     "i4": DType("i4", np.dtype("u1"), False, _nibbles, min_ndim=1),
     "u4": DType("u4", np.dtype("u1"), True, _nibbles, min_ndim=1),
+    "u8": DType("u8", np.dtype("u1"), True, _same, min_ndim=1),
 }
-for _b in GROUP_SIZES:
-    DTYPES[f"q4g{_b}"] = DType(f"q4g{_b}", np.dtype("u1"), True, _blocks(_b), 2, 2, block=_b)
+GROUPWISE_BITS = {"q4g": 4, "q6g": 6}  # dtype prefix -> code width
+ZERO_DTYPE = {4: "u4", 6: "u8"}  # code width -> dtype of the optional ``.qzero`` companion
+for _p, _bits in GROUPWISE_BITS.items():
+    for _b in GROUP_SIZES:
+        DTYPES[f"{_p}{_b}"] = DType(f"{_p}{_b}", np.dtype("u1"), True, _blocks(_b, _bits), 2, 2,
+                                    block=_b, bits=_bits)
+COMPANION_DTYPES = ("u4", "u8")  # zero-point storage: never a tensor of its own
+
+
+def is_groupwise(dtype: str) -> bool:
+    """True for the group-wise dtypes (``q4gB``, ``q6gB``): [N, K] with per-block scale/zero point."""
+    d = DTYPES.get(dtype)
+    return d is not None and d.bits > 0
 
 V1_DTYPES = tuple(n for n, d in DTYPES.items() if not d.is_extension)
 EXTENSION_DTYPES = tuple(n for n, d in DTYPES.items() if d.is_extension)

@@ -19,6 +19,7 @@ import numpy as np
 
 from cellm.errors import CellmError, FormatError
 from cellm.format.constants import (
+    COMPANION_DTYPES,
     DTYPES,
     MAGIC,
     MAX_DIM,
@@ -31,6 +32,7 @@ from cellm.format.constants import (
     TensorInfo,
     align_up,
     get_dtype,
+    is_groupwise,
 )
 
 
@@ -199,8 +201,8 @@ class CellmReader:
 
         t = self.info(name)
         get_dtype(t.dtype, name)
-        has_zero = (name + ZERO_SUFFIX) in self.tensors and t.dtype.startswith("q4g")
-        if t.dtype in ("f16", "u4"):
+        has_zero = (name + ZERO_SUFFIX) in self.tensors and is_groupwise(t.dtype)
+        if t.dtype in ("f16",) + COMPANION_DTYPES:
             return {"": self.view(name)}
         specs = expected_parts(t.dtype, name, t.shape, has_zero)
         parts = {"": self.view(name)}
@@ -226,9 +228,9 @@ class CellmReader:
 
         t = self.info(name)
         parts = self.scheme_parts(name)
-        if t.dtype == "u4":
+        if t.dtype in COMPANION_DTYPES:
             raise FormatError(
-                f"tensor {name!r} has dtype u4 (packed zero points), which is a companion and cannot "
+                f"tensor {name!r} has dtype {t.dtype} (zero points), which is a companion and cannot "
                 f"be dequantized on its own"
             )
         try:

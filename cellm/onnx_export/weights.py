@@ -11,6 +11,10 @@ dtype       mapping
 q4gB        bits=4, block_size=B: main storage IS ``B``; f16 ``.qscale`` -> f32 scales (exact);
             ``.qzero`` (packed u4, low nibble first) IS the packed ``zero_points``; absent -> the
             input is omitted (MatMulNBits' default zero point 8 = the symmetric zero point).
+q6gB        bits=8, block_size=B (onnxruntime has no 6-bit MatMulNBits): the 6-bit codes unpacked to one
+            byte each; ``.qzero`` (u8, one zero point per block) IS the 8-bit ``zero_points``;
+            symmetric (no ``.qzero``): codes + 96 with the input omitted (default zero point 128),
+            so ``(q6 + 96 - 128) = (q6 - 32)``. Twice the bytes of ``q4g`` on disk, same values.
 i4          per-row symmetric, nibble q+8 low-first: bits=4, rows split into blocks of
             ``rowwise_block(K)``; the row's f16 scale (as f32) repeated in every block; zero point 8
             (input omitted). When the block boundaries are byte aligned the packed rows are reshaped
@@ -37,7 +41,7 @@ ZERO = ".qzero"
 MIN_BLOCK = 16  # MatMulNBits: block_size is a power of two >= 16
 MAX_ROW_BLOCK = 128  # per-row schemes: largest block used to split a row (fast MLAS paths <= 256)
 FLOAT_DTYPES = ("f16", "f32", "bf16")
-QUANT_DTYPES = ("i8", "i4", "q4g32", "q4g64", "q4g128")
+QUANT_DTYPES = ("i8", "i4", "q4g32", "q4g64", "q4g128", "q6g32", "q6g64", "q6g128")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +112,18 @@ def nbits_from_storage(name: str, dtype: str, parts: dict[str, np.ndarray], shap
         z = parts.get(ZERO)
         zp = None if z is None else np.ascontiguousarray(np.asarray(z).view(np.uint8).reshape(n, (nb + 1) // 2))
         return NBits(n, k, 4, bs, b, s, zp)
+    if dtype.startswith("q6g") and dtype in QUANT_DTYPES:
+        from cellm.quant.bitpack import unpack_sextets
+
+        bs = int(dtype[3:])
+        nb = -(-k // bs)
+        codes = unpack_sextets(main.view(np.uint8).reshape(n, nb, bs * 3 // 4), bs)
+        s = np.asarray(parts[SCALE]).astype(np.float32).reshape(n, nb)
+        z = parts.get(ZERO)
+        if z is None:
+            return NBits(n, k, 8, bs, np.ascontiguousarray(codes + np.uint8(96)), s, None)
+        zp = np.ascontiguousarray(np.asarray(z).view(np.uint8).reshape(n, nb))
+        return NBits(n, k, 8, bs, np.ascontiguousarray(codes), s, zp)
     if dtype in ("i4", "i8"):
         bits = 4 if dtype == "i4" else 8
         bs = rowwise_block(k)

@@ -6,12 +6,13 @@ shape) -> list[TensorSpec]`` (main first, then companions ``<name>.qscale`` / ``
 -> float32`` and ``.error_bound(w) -> per-row float32 bound`` (a float for 1-D ``f16`` tensors).
 
 Shipped: ``f16``, ``i8``, ``i4`` (cellm v1, bit-exact to upstream), ``q4g{32,64,128}`` (asymmetric
-RTN) and ``q4g{32,64,128}-sym`` (symmetric RTN). Better quantizers register more names producing the
+RTN), ``q4g{32,64,128}-sym`` (symmetric RTN) and the 6-bit ``q6g{32,64,128}[-sym]``
+(``cellm.quant.groupwise6``). Better quantizers register more names producing the
 same dtypes (``register_scheme``). All quantizers are row-local: quantizing row slices separately and
 concatenating the parts along axis 0 gives identical bytes (converters may chunk rows / use threads).
 
 ``dequantize_parts(dtype, parts, shape)`` dequantizes stored parts by container dtype alone (the
-reader uses it; a ``q4g*`` tensor is symmetric exactly when it has no ``.qzero`` companion).
+reader uses it; a ``q4g*``/``q6g*`` tensor is symmetric exactly when it has no ``.qzero`` companion).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from cellm.errors import FormatError, QuantizationError
-from cellm.format.constants import DTYPES, GROUP_SIZES, SCALE_SUFFIX, ZERO_SUFFIX, TensorSpec
+from cellm.format.constants import DTYPES, GROUP_SIZES, SCALE_SUFFIX, ZERO_SUFFIX, TensorSpec, is_groupwise
 from cellm.quant.groupwise import GroupwiseScheme
+from cellm.quant.groupwise6 import Groupwise6Scheme
 from cellm.quant.v1 import F16Scheme, RowwiseScheme
 
 
@@ -69,17 +71,19 @@ register_scheme(RowwiseScheme("i4", "i4", 4))
 for _b in GROUP_SIZES:
     register_scheme(GroupwiseScheme(f"q4g{_b}", f"q4g{_b}", _b, symmetric=False))
     register_scheme(GroupwiseScheme(f"q4g{_b}-sym", f"q4g{_b}", _b, symmetric=True))
+    register_scheme(Groupwise6Scheme(f"q6g{_b}", f"q6g{_b}", _b, symmetric=False))
+    register_scheme(Groupwise6Scheme(f"q6g{_b}-sym", f"q6g{_b}", _b, symmetric=True))
 
 
 def scheme_for_dtype(dtype: str, has_zero: bool = False) -> Scheme:
     """The RTN scheme whose storage a tensor of this container dtype uses (for dequantization)."""
     if dtype in ("f16", "i8", "i4"):
         return SCHEMES[dtype]
-    if dtype.startswith("q4g") and dtype in DTYPES:
+    if is_groupwise(dtype):
         return SCHEMES[dtype if has_zero else dtype + "-sym"]
     raise FormatError(
         f"dtype {dtype!r} cannot be dequantized on its own; dequantizable: "
-        f"{', '.join(d for d in DTYPES if d != 'u4')}"
+        f"{', '.join(d for d in DTYPES if d not in ('u4', 'u8'))}"
     )
 
 
