@@ -29,6 +29,11 @@ HALF_DOWN = np.float32(np.nextafter(np.float32(0.5), np.float32(0)))
 F16_EPS = 2.0**-11  # relative rounding error of f32 -> f16 (normal range)
 F16_TINY = 2.0**-25  # half the smallest f16 subnormal spacing
 F16_OVERFLOW = np.float32(65520.0)  # f32 values >= this round to inf in f16 (65504 is the max)
+_SIGN_BIT = np.uint32(0x80000000)
+# Row chunks of ~128K elements (~1.4 MiB of buffers, L2/L3-resident): fewer, longer numpy calls
+# measured ~20% faster than 32K-element chunks here (per-call overhead dominates small chunks).
+_CHUNK_ELEMENTS = 1 << 17
+_HALF_DOWN_BITS = HALF_DOWN.view(np.uint32)
 
 
 def round_half_away(x: np.ndarray, tmp: np.ndarray | None = None) -> np.ndarray:
@@ -127,19 +132,24 @@ class RowwiseScheme:
         # bite for (sub)normal-range scales; skip that pass otherwise (saves ~10%).
         need_clip = bool(scale.size) and bool(scale.min() < np.float32(2.0**-100))
         # Reused chunk buffers: everything stays in cache, no page faults on big temporaries.
-        step = min(rows, chunk_rows(cols))
+        step = min(rows, chunk_rows(cols, _CHUNK_ELEMENTS))
         buf = np.empty((step, cols), dtype=np.float32)
         tmp = np.empty((step, cols), dtype=np.float32)
+        bits, tbits = buf.view(np.uint32), tmp.view(np.uint32)
         # int8 codes, rows padded to an even length so byte pairs can be read as uint16
         ibuf = np.zeros((step, 2 * half), dtype=np.int8)
         pairs = np.empty((step, half), dtype=np.uint16)
-        for sl in row_chunks(rows, cols):
+        for sl in row_chunks(rows, cols, _CHUNK_ELEMENTS):
             n = sl.stop - sl.start
             x, t = buf[:n], tmp[:n]
             np.divide(w[sl], scale[sl, None], out=x)  # f32 division with the f32 scale
-            # round half away from zero = trunc(x + copysign(HALF_DOWN, x)); the float->int cast
-            # below truncates toward zero, so the explicit trunc is only needed before a clamp
-            np.copysign(HALF_DOWN, x, out=t)
+            # round half away from zero = trunc(x + copysign(HALF_DOWN, x)); the copysign is done
+            # on the bits (sign bit of x | bits of HALF_DOWN): the same value, ~5x cheaper than
+            # np.copysign. The float->int cast below truncates toward zero, so the explicit trunc
+            # is only needed before a clamp.
+            tb = tbits[:n]
+            np.bitwise_and(bits[:n], _SIGN_BIT, out=tb)
+            np.bitwise_or(tb, _HALF_DOWN_BITS, out=tb)
             np.add(x, t, out=x)
             if need_clip:
                 np.trunc(x, out=x)
