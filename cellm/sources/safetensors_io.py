@@ -1,15 +1,19 @@
-"""Minimal safetensors I/O with plain file reads (no long-lived mmap) and a streaming writer.
+"""Minimal safetensors I/O with windowed reads (no long-lived mmap) and a streaming writer.
 
 Layout: u64 LE header length N, N bytes of JSON ({name: {dtype, shape, data_offsets: [begin, end]},
 optional "__metadata__"}), then the data; offsets are relative to the end of the header.
-Reads use ``os.pread`` into preallocated buffers so only the requested rows are read and nothing
-stays mapped; the page cache may hold the file but it is not charged to this process.
+``read_rows`` reads only the requested rows: big reads map just that window of the file (private,
+copy-on-write, so the array is writable and the file is never modified) and F32 data is handed out
+as a view of the mapping, which is unmapped when the last array using it goes away — no copy, no
+fresh pages to fault in; small reads (and files that cannot be mapped) use ``os.pread``. Nothing
+stays mapped beyond the arrays' lifetime, so peak RSS is bounded by what the caller holds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -18,6 +22,8 @@ import numpy as np
 from cellm.errors import SourceError
 
 MAX_HEADER = 100 * 1024 * 1024
+# Reads of at least this many bytes map the window instead of copying it (see ``read_rows``).
+MMAP_MIN_BYTES = 1 << 20
 WIDTH = {"F32": 4, "F16": 2, "BF16": 2}
 
 
@@ -86,6 +92,46 @@ def read_header(path: Path, keep=None) -> tuple[dict[str, StEntry], dict]:
     return out, meta
 
 
+def _pread(entry: StEntry, pos: int, nbytes: int) -> np.ndarray:
+    raw = np.empty(nbytes, dtype=np.uint8)
+    if nbytes:
+        fd = os.open(entry.path, os.O_RDONLY)
+        try:
+            view = memoryview(raw)
+            done = 0
+            while done < nbytes:
+                got = os.preadv(fd, [view[done:]], pos + done)
+                if got <= 0:
+                    raise SourceError(f"{entry.path}: unexpected end of file reading {entry.name!r}")
+                done += got
+        finally:
+            os.close(fd)
+    return raw
+
+
+def _map_window(entry: StEntry, pos: int, nbytes: int) -> np.ndarray | None:
+    """Bytes ``[pos, pos + nbytes)`` of the file as a private copy-on-write mapping of just that
+    window (None where the file cannot be mapped: the caller falls back to ``pread``)."""
+    base = pos - pos % mmap.ALLOCATIONGRANULARITY
+    try:
+        fd = os.open(entry.path, os.O_RDONLY)
+    except OSError as exc:
+        raise SourceError(f"cannot read {entry.path}: {exc}") from exc
+    try:
+        size = os.fstat(fd).st_size
+        if size < pos + nbytes:  # shrunk since the header was checked: mapping it would SIGBUS
+            raise SourceError(f"{entry.path}: unexpected end of file reading {entry.name!r} "
+                              f"(needs {pos + nbytes} bytes, file has {size})")
+        try:
+            mm = mmap.mmap(fd, pos + nbytes - base, flags=mmap.MAP_PRIVATE,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
+        except (OSError, ValueError):  # not mappable (some FUSE/network filesystems): pread
+            return None
+    finally:
+        os.close(fd)
+    return np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=pos - base)
+
+
 def read_rows(entry: StEntry, rows: slice | None = None) -> np.ndarray:
     """Read ``entry`` (or rows ``rows`` of its first axis) and convert to float32."""
     shape = entry.shape
@@ -100,19 +146,10 @@ def read_rows(entry: StEntry, rows: slice | None = None) -> np.ndarray:
         out_shape = (stop - start,) + shape[1:]
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * width if shape else width
     nbytes = (stop - start) * row_bytes
-    raw = np.empty(nbytes, dtype=np.uint8)
-    if nbytes:
-        fd = os.open(entry.path, os.O_RDONLY)
-        try:
-            view = memoryview(raw)
-            done, pos = 0, entry.offset + start * row_bytes
-            while done < nbytes:
-                got = os.preadv(fd, [view[done:]], pos + done)
-                if got <= 0:
-                    raise SourceError(f"{entry.path}: unexpected end of file reading {entry.name!r}")
-                done += got
-        finally:
-            os.close(fd)
+    pos = entry.offset + start * row_bytes
+    raw = _map_window(entry, pos, nbytes) if nbytes >= MMAP_MIN_BYTES else None
+    if raw is None:
+        raw = _pread(entry, pos, nbytes)
     if entry.dtype == "F32":
         return raw.view("<f4").astype(np.float32, copy=False).reshape(out_shape)
     if entry.dtype == "F16":
