@@ -170,3 +170,30 @@ def test_sharded_measurement_merges_to_the_full_result(tiny):
     merged = merge(parts, w)
     assert merged.kl == full.kl and merged.nbytes == full.nbytes and merged.members == full.members
     assert merged.fixed_bytes == full.fixed_bytes
+
+
+def test_extending_candidates_equals_measuring_them(tiny):
+    """Adding candidate schemes to cached measurements (no probe re-measurement) gives exactly what
+    measuring with all candidates gives; the embedding's candidates are measured, not predicted."""
+    from cellm.quality.sensitivity import extend
+
+    ck, w, eng = tiny
+    ids = _ids(ck.config, 1, 12, seed=5)
+    ref = Reference(eng, ids)
+    st = C.collect(eng, ids)
+    full = measure(eng, ref, st, candidates=("f16", "i8", "q4g32-gptq", "q6g32"))
+    small = measure(eng, ref, st, candidates=("f16", "i8", "q4g32-gptq"))
+    grown = extend(small, eng, ref, st, ("f16", "i8", "q4g32-gptq", "q6g32"))
+    assert grown.candidates == full.candidates
+    assert grown.kl == full.kl and grown.err == full.err and grown.nbytes == full.nbytes
+    assert grown.measured == full.measured
+    assert set(full.measured[EMBED]) == {"q4g32-gptq", "i8", "q6g32"}
+    kl_direct, _ = ref.measure({EMBED: fake_quant(EMBED, w[EMBED], "q6g32", st)})
+    assert full.kl[EMBED]["q6g32"] == pytest.approx(max(kl_direct, 0.0), rel=1e-12, abs=1e-15)
+    # a measurement made before the embedding was measured directly gets its i8 measured on load
+    legacy = measure(eng, ref, st, candidates=("f16", "i8", "q4g32-gptq"))
+    for f in ("measured", "top1"):
+        getattr(legacy, f)[EMBED] = {"q4g32-gptq": getattr(legacy, f)[EMBED]["q4g32-gptq"]}
+    legacy.kl[EMBED]["i8"] = 123.0
+    extend(legacy, eng, ref, st, legacy.candidates)
+    assert legacy.kl[EMBED]["i8"] == small.kl[EMBED]["i8"]

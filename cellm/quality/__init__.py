@@ -38,6 +38,8 @@ from cellm.quality.sensitivity import (
     sensitivity_path,
 )
 
+# the candidate list of the first cache layout (its files are found, then extended)
+LEGACY_CANDIDATES = ("f16", "i8", "q4g32-gptq")
 # sensitivity is measured on calibration windows (never on the eval corpus)
 SENS_WINDOWS = 2
 SENS_WINDOW = 256
@@ -87,16 +89,31 @@ def sensitivity(sess: Session, *, candidates: Sequence[str] = DEFAULT_CANDIDATES
     ``shard=(i, n)`` measures only every n-th unit starting at i and saves a part file; separate
     processes can measure the parts in parallel, and a later call without ``shard`` merges them
     (the merged result is identical to a single run: units are measured independently)."""
-    from cellm.quality.sensitivity import merge, quantizable, unit_of
+    from cellm.quality.sensitivity import MEASURED_UNITS, extend, merge, quantizable, unit_of
 
     h = sess.ckpt.content_hash
-    key = sensitivity_key(h, candidates, probe, sess.ids, sess.stats.key, granularity)
+    key = sensitivity_key(h, None, probe, sess.ids, sess.stats.key, granularity)
     path = sensitivity_path(h, key, sess.cache_dir)
-    if use_cache and path.is_file():
-        try:
-            return Sensitivity.load(path)
-        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
-            pass
+
+    def finish(sens: Sensitivity, dirty: bool) -> Sensitivity:
+        """Grow a cached measurement to the requested candidates (no probe re-measurement)."""
+        stale = any(c not in ("f16", sens.probe) and c not in sens.measured.get(u, {})
+                    for u in MEASURED_UNITS if u in sens.kl for c in sens.candidates)
+        if stale or any(c not in sens.candidates for c in candidates):
+            extend(sens, sess.engine, sess.ref, sess.stats, candidates, progress=progress)
+            dirty = True
+        if dirty and use_cache:
+            sens.save(path)
+        return sens
+
+    if use_cache:
+        for cand in (path, sensitivity_path(h, sensitivity_key(h, LEGACY_CANDIDATES, probe, sess.ids,
+                                                               sess.stats.key, granularity), sess.cache_dir)):
+            if cand.is_file():
+                try:
+                    return finish(Sensitivity.load(cand), dirty=cand != path)
+                except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+                    pass
     units = sorted({unit_of(n, granularity) for n in quantizable(sess.engine.w)})
     if shard is not None:
         i, n = shard
@@ -113,9 +130,7 @@ def sensitivity(sess: Session, *, candidates: Sequence[str] = DEFAULT_CANDIDATES
         for n in range(2, 9):
             parts = [path.with_name(path.stem + f".part{i}of{n}.json") for i in range(n)]
             if all(p.is_file() for p in parts):
-                sens = merge([Sensitivity.load(p) for p in parts], sess.engine.w)
-                sens.save(path)
-                return sens
+                return finish(merge([Sensitivity.load(p) for p in parts], sess.engine.w), dirty=True)
     sens = measure(sess.engine, sess.ref, sess.stats, candidates=candidates, probe=probe,
                    source_hash=h, granularity=granularity, progress=progress)
     if use_cache:

@@ -34,8 +34,11 @@ from cellm.quality.engine import EMBED, Engine, Reference
 from cellm.quant.schemes import get_scheme
 
 SENS_VERSION = 1
-DEFAULT_CANDIDATES = ("f16", "i8", "q4g32-gptq")
+DEFAULT_CANDIDATES = ("f16", "i8", "q6g32", "q6g32-sym", "q4g32-gptq")
 DEFAULT_PROBE = "q4g32-gptq"
+# the embedding (tied LM head) is one huge unit whose error-ratio prediction was off by 2x for i8:
+# every candidate of it is MEASURED directly (one forward each), never predicted
+MEASURED_UNITS = (EMBED,)
 
 
 def unit_of(name: str, granularity: str = "block") -> str:
@@ -166,6 +169,9 @@ def measure(engine: Engine, ref: Reference, stats: CalibrationStats, *,
         base = max(errs[probe], 1e-30)
         kl[unit] = {s: (0.0 if s == "f16" else max(m_kl, 0.0) * errs[s] / base) for s in candidates}
         err[unit] = errs
+        if unit in MEASURED_UNITS:
+            _measure_directly(engine, ref, stats, unit, members[unit],
+                              [s for s in candidates if s not in ("f16", probe)], kl, measured, top1)
         nbytes[unit] = {s: sum(scheme_bytes(n, w[n].shape, s) for n in members[unit]) for s in candidates}
         if progress is not None:
             progress(f"[{i + 1}/{len(members)}] {unit}: KL({probe}) = {m_kl:.5f} top-1 {m_top:.3f} "
@@ -175,6 +181,51 @@ def measure(engine: Engine, ref: Reference, stats: CalibrationStats, *,
     return Sensitivity(source_hash=source_hash, candidates=tuple(candidates), probe=probe,
                        n_tokens=ref.n_tokens, kl=kl, measured=measured, top1=top1, err=err,
                        nbytes=nbytes, fixed_bytes=fixed, seconds=time.time() - t0, members=members)
+
+
+def _measure_directly(engine: Engine, ref: Reference, stats: CalibrationStats | None, unit: str,
+                      tensors: Sequence[str], schemes: Sequence[str], kl, measured, top1) -> None:
+    for s in schemes:
+        m_kl, m_top = ref.measure({n: fake_quant(n, engine.w[n], s, stats) for n in tensors})
+        measured[unit][s] = m_kl
+        top1[unit][s] = m_top
+        kl[unit][s] = max(m_kl, 0.0)
+
+
+def extend(sens: Sensitivity, engine: Engine, ref: Reference, stats: CalibrationStats,
+           candidates: Sequence[str], progress: Callable[[str], None] | None = None) -> Sensitivity:
+    """Add candidate schemes to cached measurements WITHOUT re-measuring the probe: each new scheme
+    costs its fake-quantization and error energy per tensor (plus one forward for the units in
+    ``MEASURED_UNITS``). The result equals what ``measure`` with the union of candidates gives."""
+    new = [c for c in candidates if c not in sens.candidates]
+    unmeasured = {u: [c for c in tuple(sens.candidates) + tuple(new)
+                      if c not in ("f16", sens.probe) and c not in sens.measured.get(u, {})]
+                  for u in MEASURED_UNITS if u in sens.kl}
+    if not new and not any(unmeasured.values()):
+        return sens
+    t0 = time.time()
+    w = engine.w
+    for i, unit in enumerate(sorted(sens.kl)):
+        members = sens.tensors_of(unit)
+        probe_err = max(sens.err[unit][sens.probe], 1e-30)
+        m_kl = max(sens.measured[unit][sens.probe], 0.0)
+        for s in new:
+            e = 0.0
+            for name in members:
+                if s != "f16":
+                    h = stats.hessian(name) if name in stats else None
+                    e += output_error(w[name], fake_quant(name, w[name], s, stats), h)
+            sens.err[unit][s] = e
+            sens.kl[unit][s] = 0.0 if s == "f16" else m_kl * e / probe_err
+            sens.nbytes[unit][s] = sum(scheme_bytes(n, w[n].shape, s) for n in members)
+        if unmeasured.get(unit):
+            _measure_directly(engine, ref, stats, unit, members, unmeasured[unit],
+                              sens.kl, sens.measured, sens.top1)
+        if progress is not None:
+            progress(f"[{i + 1}/{len(sens.kl)}] {unit}: +{','.join(new)} ({time.time() - t0:.0f}s)")
+    sens.candidates = tuple(sens.candidates) + tuple(new)
+    sens.seconds += time.time() - t0
+    return sens
 
 
 def merge(parts: Sequence[Sensitivity], weights: Mapping[str, np.ndarray]) -> Sensitivity:
@@ -213,10 +264,14 @@ def validate(engine: Engine, ref: Reference, stats: CalibrationStats, sens: Sens
     return sens.validation
 
 
-def sensitivity_key(source_hash: str, candidates: Sequence[str], probe: str, ids: np.ndarray,
+def sensitivity_key(source_hash: str, candidates: Sequence[str] | None, probe: str, ids: np.ndarray,
                     stats_key: str, granularity: str = "block") -> str:
+    """Cache key of a measurement. ``candidates=None`` (the current layout): the key does not depend
+    on the candidate list, which the cached file records and ``extend`` grows; a list gives the key
+    of the first layout (files measured before candidates became extendable)."""
     h = hashlib.sha256()
-    for part in (f"v{SENS_VERSION}", source_hash, ",".join(candidates), probe, stats_key, granularity):
+    cand = ["candidates-extendable"] if candidates is None else [",".join(candidates)]
+    for part in (f"v{SENS_VERSION}", source_hash, *cand, probe, stats_key, granularity):
         h.update(part.encode() + b"\0")
     h.update(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
     return h.hexdigest()
