@@ -403,7 +403,7 @@ def evaluate_step(cellm_path: str, spec: str, revision: str | None, directory: s
             return {**rec, "reused": True}
         t0 = time.perf_counter()
         ref = open_checked(spec, revision, source_hash)
-        rep = evaluate(cellm_path, ref, threads=threads, **settings)
+        rep = evaluate(cellm_path, ref, threads=threads, **settings)  # plan → shards → merge, in process
         jpath, mpath = d / f"{step}.report.json", d / f"{step}.report.md"
         write_json(rep, jpath)
         write_markdown(rep, mpath)
@@ -411,6 +411,86 @@ def evaluate_step(cellm_path: str, spec: str, revision: str | None, directory: s
                "metrics": {k: v for k, v in rep.metrics.items()}, "settings": settings,
                "seconds": time.perf_counter() - t0}
         write_record(d, step, rec)
+    return {**rec, "reused": False}
+
+
+def _eval_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in dict(settings or {}).items() if k != "shards"}
+
+
+def eval_plan_step(cellm_path: str, spec: str, revision: str | None, directory: str | os.PathLike, *,
+                   source_hash: str, cellm_sha256: str, settings: dict[str, Any] | None = None,
+                   shards: int = 2, threads: int | None = None) -> dict[str, Any]:
+    """Sharded evaluation, step 1: the finished evaluation's record when there is one (``reused``), else
+    the plan (``<dir>/eval-<key>.plan.json``; the reference side computed once into its cache)."""
+    from cellm.eval.shards import plan_eval_shards
+
+    settings = dict(settings or {})
+    key = eval_key(cellm_sha256, source_hash, settings)
+    d = Path(directory)
+    step = f"eval-{key}"
+    with key_lock(d):
+        clean_stale_temp(d)
+        rec = load_record(d, step, verify=("report",))
+        if rec is not None:
+            return {**rec, "reused": True}
+    t0 = time.perf_counter()
+    ref = open_checked(spec, revision, source_hash)
+    plan = plan_eval_shards(cellm_path, ref, shards, threads=threads, **_eval_settings(settings))
+    with key_lock(d):
+        path = plan.save(d / f"{step}.plan.json")
+    return {"key": key, "plan": str(path), "plan_sha256": file_sha256(path), "shards": len(plan.shards),
+            "reference_cached": plan.reference_cached, "seconds": time.perf_counter() - t0, "reused": False}
+
+
+def eval_shard_step(plan_path: str, cellm_path: str, index: int, *, threads: int | None = None) -> dict[str, Any]:
+    """Sharded evaluation, step 2: shard ``index`` of the plan → ``<dir>/eval-<key>.shard-<i>.npz``
+    (the raw per-token values; written under the key lock so no temp-file cleaner races it)."""
+    from cellm.eval.shards import EvalPlan, run_shard, save_shard
+
+    plan_path = str(plan_path)
+    if not plan_path.endswith(".plan.json"):
+        raise PipelineError(f"eval plan {plan_path!r} must be an eval-<key>.plan.json written by eval_plan_step")
+    plan = EvalPlan.load(plan_path)
+    res = run_shard(cellm_path, plan, index, threads=threads)
+    out = Path(plan_path[: -len(".plan.json")] + f".shard-{index:04d}.npz")
+    with key_lock(out.parent):
+        save_shard(res, out)
+    return {"path": str(out), "sha256": file_sha256(out), "index": index, "positions": int(len(res.kl)),
+            "prompts": len(res.generations), "seconds": res.seconds, "pid": os.getpid()}
+
+
+def eval_merge_step(plan_path: str, shard_files: list[str], spec: str, revision: str | None,
+                    directory: str | os.PathLike, *, source_hash: str, cellm_sha256: str,
+                    settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Sharded evaluation, step 3: merge the shards into the same reports and record as
+    :func:`evaluate_step` writes (same numbers); the plan and shard files are removed."""
+    from cellm.eval.evaluate import write_json, write_markdown
+    from cellm.eval.shards import EvalPlan, merge_eval_shards
+
+    settings = dict(settings or {})
+    key = eval_key(cellm_sha256, source_hash, settings)
+    d = Path(directory)
+    step = f"eval-{key}"
+    if Path(plan_path).name != f"{step}.plan.json":
+        raise PipelineError(f"eval plan {plan_path} does not belong to evaluation {step} (artifact/settings changed)")
+    with key_lock(d):
+        rec = load_record(d, step, verify=("report",))
+        if rec is not None:
+            return {**rec, "reused": True}
+        t0 = time.perf_counter()
+        ref = open_checked(spec, revision, source_hash)
+        plan = EvalPlan.load(plan_path)
+        rep = merge_eval_shards(plan, shard_files, ref)
+        jpath, mpath = d / f"{step}.report.json", d / f"{step}.report.md"
+        write_json(rep, jpath)
+        write_markdown(rep, mpath)
+        rec = {"key": key, "report": str(jpath), "report_sha256": file_sha256(jpath), "markdown": str(mpath),
+               "metrics": {k: v for k, v in rep.metrics.items()}, "settings": settings, "shards": len(plan.shards),
+               "seconds": plan.reference_seconds + rep.settings["candidate_seconds"] + time.perf_counter() - t0}
+        write_record(d, step, rec)
+        for f in [*shard_files, plan_path]:
+            Path(f).unlink(missing_ok=True)
     return {**rec, "reused": False}
 
 

@@ -138,16 +138,39 @@ def convert_shards(source: str, revision: str | None, profile: str, work_dir: st
     return assemble_task(source, revision, profile, files, work_dir, source_name, source_hash, profile_hash)
 
 
+def _evaluate_sharded(cellm_path, key_dir, source, revision, source_hash, cellm_sha256, eval_settings, threads,
+                      eval_shards) -> tuple[dict, bool]:
+    """eval-plan → ``eval_shards`` eval-shard tasks (on the runner's workers) → eval-merge."""
+    plan = eval_plan_task.submit(cellm_path, source, revision, key_dir, source_hash, cellm_sha256, eval_settings,
+                                 eval_shards, threads).result()
+    if plan.get("reused"):  # this artifact was evaluated with these settings before: no work
+        return {**plan, "eval_shards": 0, "eval_shard_runs": [], "eval_shard_pids": []}, True
+    futs = [eval_shard_task.submit(plan["plan"], cellm_path, i, threads) for i in range(plan["shards"])]
+    shard_res = [f.result() for f in futs]
+    files = [r["path"] for r in shard_res]
+    fut = eval_merge_task.submit(plan["plan"], files, source, revision, key_dir, source_hash, cellm_sha256,
+                                 eval_settings)
+    fut.wait()
+    res = fut.state.result()
+    return ({**res, "eval_shards": len(futs), "eval_shard_runs": [str(f.task_run_id) for f in futs],
+             "eval_shard_pids": [r["pid"] for r in shard_res]},
+            fut.state.name == "Cached" or bool(res.get("reused")))
+
+
 def _export_and_evaluate(cellm_path, key_dir, key, source, revision, source_hash, cellm_sha256, eval_settings,
-                         threads, export_onnx, evaluate) -> dict[str, tuple[dict, bool, float]]:
+                         threads, export_onnx, evaluate, eval_shards=1) -> dict[str, tuple[dict, bool, float]]:
     t0 = time.perf_counter()
     futs = {}
+    out = {}
     if export_onnx:
         futs["export-onnx"] = export_onnx_task.submit(cellm_path, key_dir, key)
-    if evaluate:
+    if evaluate and eval_shards <= 1:
         futs["evaluate"] = evaluate_task.submit(cellm_path, source, revision, key_dir, source_hash, cellm_sha256,
                                                 eval_settings, threads)
-    out = {}
+    elif evaluate:  # runs while export-onnx is in flight
+        res, was_cached = _evaluate_sharded(cellm_path, key_dir, source, revision, source_hash, cellm_sha256,
+                                            eval_settings, threads, eval_shards)
+        out["evaluate"] = (res, was_cached, round(time.perf_counter() - t0, 3))
     for name, fut in futs.items():
         fut.wait()
         st = fut.state
@@ -158,10 +181,11 @@ def _export_and_evaluate(cellm_path, key_dir, key, source, revision, source_hash
 
 @flow(name="check-artifact", log_prints=True)
 def check_artifact(cellm_path: str, key_dir: str, key: str, source: str, revision: str | None, source_hash: str,
-                   cellm_sha256: str, eval_settings: dict, threads: int, export_onnx: bool, evaluate: bool) -> dict:
-    """ONNX export and evaluation of one artifact as concurrent tasks on this sub-flow's runner."""
+                   cellm_sha256: str, eval_settings: dict, threads: int, export_onnx: bool, evaluate: bool,
+                   eval_shards: int = 1) -> dict:
+    """ONNX export and (sharded) evaluation of one artifact as concurrent tasks on this sub-flow's runner."""
     return _export_and_evaluate(cellm_path, key_dir, key, source, revision, source_hash, cellm_sha256,
-                                eval_settings, threads, export_onnx, evaluate)
+                                eval_settings, threads, export_onnx, evaluate, eval_shards)
 
 
 def make_task_runner(spec: str):
@@ -211,6 +235,25 @@ def evaluate_task(cellm_path: str, source: str, revision: str | None, key_dir: s
                             cellm_sha256=cellm_sha256, settings=settings, threads=threads)
 
 
+@task(name="eval-plan", cache_policy=NO_CACHE)
+def eval_plan_task(cellm_path: str, source: str, revision: str | None, key_dir: str, source_hash: str,
+                   cellm_sha256: str, settings: dict | None, shards: int, threads: int | None = None) -> dict[str, Any]:
+    return pl.eval_plan_step(cellm_path, source, revision, key_dir, source_hash=source_hash,
+                             cellm_sha256=cellm_sha256, settings=settings, shards=shards, threads=threads)
+
+
+@task(name="eval-shard", cache_policy=NO_CACHE, task_run_name="eval-shard-{index}")
+def eval_shard_task(plan_path: str, cellm_path: str, index: int, threads: int | None = None) -> dict[str, Any]:
+    return pl.eval_shard_step(plan_path, cellm_path, index, threads=threads)
+
+
+@task(name="eval-merge", cache_key_fn=_eval_cache_key, persist_result=True)
+def eval_merge_task(plan_path: str, shard_files: list, source: str, revision: str | None, key_dir: str,
+                    source_hash: str, cellm_sha256: str, settings: dict | None = None) -> dict[str, Any]:
+    return pl.eval_merge_step(plan_path, shard_files, source, revision, key_dir, source_hash=source_hash,
+                              cellm_sha256=cellm_sha256, settings=settings)
+
+
 @task(name="gate", cache_policy=NO_CACHE)
 def gate_task(eval_report: str, gate_class: str, gates_file: str | None) -> dict[str, Any]:
     return pl.gate_step(eval_report, gate_class, gates_file)
@@ -240,7 +283,7 @@ def report_task(summary: dict, work_dir: str) -> dict[str, Any]:
 def run_build(flow_name: str, *, source: str, revision: str | None, profile: str | None,
               gate: str | None, registry: str, export_onnx: bool, evaluate: bool, publish: bool,
               task_runner: str, shards: int, threads: int, work_dir: str,
-              eval_settings: dict | None = None):
+              eval_settings: dict | None = None, eval_shards: int = 0):
     """The one pipeline behind the three flows (called from inside a flow run)."""
     log = get_run_logger()
     profile = profile or PROFILES[flow_name]
@@ -256,6 +299,11 @@ def run_build(flow_name: str, *, source: str, revision: str | None, profile: str
         cached[name] = st.name == "Cached" or bool(isinstance(res, dict) and res.get("reused"))
         return res
 
+    if eval_shards != 0:
+        from cellm.eval.shards import check_shard_count
+
+        check_shard_count(eval_shards)  # bad parameter: fail before any work
+    eval_shards = eval_shards or (1 if task_runner == "threads" else 2)
     inputs = step("check-inputs", check_inputs_task, source, profile, gate, registry, threads, shards, task_runner)
     src = step("fetch", fetch_task, source, revision)
     log.info("source %s → %s (content %s)", source, src["path"], src["content_hash"][:16])
@@ -285,14 +333,15 @@ def run_build(flow_name: str, *, source: str, revision: str | None, profile: str
         "gate_hash": inputs["gate_hash"], "key": conv["key"], "cellm_path": conv["path"], "sha256": conv["sha256"],
         "nbytes": conv["nbytes"], "bytes_per_scheme": conv["bytes_per_scheme"],
         "tensors_per_scheme": pln["tensors_per_scheme"], "registry": registry, "eval": None, "verdict": None,
-        "published": None, "onnx_dir": None, "eval_report": None, "time": time.time(),
+        "published": None, "onnx_dir": None, "eval_report": None, "eval_shards": 0, "eval_shard_runs": [],
+        "eval_shard_pids": [], "time": time.time(),
         "build_key": pl.build_key(src["content_hash"], pln["profile_hash"], inputs["gate_hash"],
                                   pl.package_version(), inputs["gate_class"]),
     }
     # export and evaluate only read the artifact: run them concurrently on the task runner (on Dask:
     # in the sub-flow `check-artifact`, so each runs on a cluster worker)
     args = (conv["path"], key_dir, conv["key"], source, revision, src["content_hash"], conv["sha256"],
-            eval_settings or {}, threads, export_onnx, evaluate)
+            eval_settings or {}, threads, export_onnx, evaluate, eval_shards)
     if task_runner == "threads":
         checked = _export_and_evaluate(*args)
     else:
@@ -303,6 +352,9 @@ def run_build(flow_name: str, *, source: str, revision: str | None, profile: str
             summary["onnx_dir"] = res["dir"]
         else:
             summary["eval"], summary["eval_report"], summary["eval_key"] = res["metrics"], res["report"], res["key"]
+            summary["eval_shards"] = res.get("eval_shards", 0)  # eval-shard tasks run (0: one task, or reused)
+            summary["eval_shard_runs"] = res.get("eval_shard_runs", [])
+            summary["eval_shard_pids"] = res.get("eval_shard_pids", [])  # worker processes that ran them
 
     status, reason = "built", None
     if summary["eval"] is not None:
@@ -334,7 +386,9 @@ a ``.gguf``), revision, profile (override the flow's default), gate (a gate clas
 or a thresholds TOML file), registry (``file://PATH`` or ``oci://HOST/REPO``), export_onnx, evaluate,
 publish, task_runner (``threads``, ``dask`` for a local cluster, or ``tcp://HOST:PORT`` of an existing
 Dask scheduler), shards (tensor shards for conversion; 0 = auto), threads (per conversion), work_dir,
-eval_settings (keyword arguments of ``cellm.eval.evaluate``, e.g. ``{"max_tokens": 2048}``)."""
+eval_settings (keyword arguments of ``cellm.eval.evaluate``, e.g. ``{"max_tokens": 2048}``), eval_shards
+(evaluation shards: 0 = auto, 1 with ``threads``, 2 on Dask; >1 runs eval-plan → eval-shard-i → eval-merge
+tasks with exactly the unsharded numbers)."""
 
 
 def _make_flow(flow_name: str):
@@ -352,11 +406,13 @@ def _make_flow(flow_name: str):
         threads: int = 2,
         work_dir: str = DEFAULT_WORK_DIR,
         eval_settings: dict | None = None,
+        eval_shards: int = 0,
     ):
         summary = run_build(
             flow_name, source=source, revision=revision, profile=profile, gate=gate, registry=registry,
             export_onnx=export_onnx, evaluate=evaluate, publish=publish, task_runner=task_runner,
             shards=shards, threads=threads, work_dir=work_dir, eval_settings=eval_settings,
+            eval_shards=eval_shards,
         )
         if summary["status"] == "blocked":
             return Completed(name="Blocked", message=f"blocked: {summary['reason']}", data=summary)

@@ -91,6 +91,18 @@ def test_generation_groups_do_not_depend_on_shard_count(setup):
     assert a.settings["gen_group"] == 2
 
 
+def test_plan_defaults_are_evaluates_defaults(setup, tmp_path):
+    from cellm.eval.evaluate import DEFAULT_GEN_TOKENS, DEFAULT_MAX_TOKENS, DEFAULT_TOP_K
+
+    d, ck, art = setup
+    kw = dict(corpus=d / "corpus.txt", prompts=d / "prompts.txt", cache=d / "cache")
+    plan = plan_eval_shards(art, str(ck), 2, **kw)
+    st = plan.settings
+    assert (st["top_k"], st["gen_tokens"], st["max_tokens"]) == (DEFAULT_TOP_K, DEFAULT_GEN_TOKENS, DEFAULT_MAX_TOKENS)
+    files = [evaluate_shard(art, plan, i, tmp_path / f"d{i}.npz") for i in range(2)]
+    _same(evaluate(art, str(ck), **kw), merge_eval_shards(plan, files, str(ck)))
+
+
 def test_merge_refuses_missing_duplicate_and_foreign_shards(setup, tmp_path):
     d, ck, art = setup
     plan = plan_eval_shards(art, str(ck), 2, **_kw(d))

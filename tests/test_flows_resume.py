@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -88,17 +89,41 @@ def test_sigkill_during_conversion_leaves_nothing_partial_and_rerun_completes(pr
 
 
 def test_dask_local_cluster_is_byte_identical_to_default_runner(prefect_harness, tiny_ckpt, tmp_path):
+    from prefect.client.orchestration import get_client
+
     from flows.build import build_mixed_int4
 
+    # window 24 over 128 tokens: 6 teacher-forced windows to split across the eval shards
     common = dict(source=str(tiny_ckpt), registry=f"file://{tmp_path / 'reg'}", publish=False,
-                  eval_settings={"max_tokens": 128, "window": 64, "gen_tokens": 4})
+                  eval_settings={"max_tokens": 128, "window": 24, "gen_tokens": 4})
     a = build_mixed_int4(**common, work_dir=str(tmp_path / "threads"), return_state=True)
     b = build_mixed_int4(**common, work_dir=str(tmp_path / "dask"), task_runner="dask", shards=3, return_state=True)
     sa, sb = a.result(), b.result()
     assert a.is_completed() and b.is_completed()
     assert Path(sa["cellm_path"]).read_bytes() == Path(sb["cellm_path"]).read_bytes()
     assert _sha(sb["cellm_path"]) == sa["sha256"]
-    assert not list((tmp_path / "dask").rglob("*.npz")), "shards must be removed after assembly"
-    # export and evaluation ran on the cluster too: same ONNX bytes, same metrics
+    assert not list((tmp_path / "dask").rglob("*.npz")), "quantization and eval shards must be removed after merging"
+    assert not list((tmp_path / "dask").rglob("*.plan.json"))
+    # export ran on the cluster too (same ONNX bytes); evaluation ran sharded (eval_shards auto = 2 on
+    # Dask) and its metrics equal the default runner's single-task evaluation exactly
     assert (Path(sa["onnx_dir"]) / "model.onnx").read_bytes() == (Path(sb["onnx_dir"]) / "model.onnx").read_bytes()
+    assert sa["eval_shards"] == 0 and sb["eval_shards"] == 2
+    assert len(sb["eval_shard_pids"]) == 2 and os.getpid() not in sb["eval_shard_pids"], "shards ran on Dask workers"
     assert sa["eval"] == sb["eval"] and sa["verdict"]["passed"] == sb["verdict"]["passed"]
+    ja, jb = (json.loads(Path(s["eval_report"]).read_text()) for s in (sa, sb))
+    assert ja["metrics"] == jb["metrics"] and ja["generations"] == jb["generations"]
+    assert ja["settings"]["shards"] == 1 and jb["settings"]["shards"] == 2 and jb["settings"]["windows"] >= 4
+    # the shard tasks are real task runs on the server, completed, in the check-artifact sub-flow
+    with get_client(sync_client=True) as c:
+        runs = [c.read_task_run(r) for r in sb["eval_shard_runs"]]
+        sub = {c.read_flow_run(r.flow_run_id).name for r in runs}
+        flows = {c.read_flow(c.read_flow_run(r.flow_run_id).flow_id).name for r in runs}
+    assert sorted(r.name for r in runs) == ["eval-shard-0", "eval-shard-1"], [r.name for r in runs]
+    assert all(r.state.is_completed() for r in runs) and len(sub) == 1 and flows == {"check-artifact"}
+
+    # sharded evaluation with the threads runner too (eval_shards=3): same numbers; then an unchanged
+    # rerun reuses the evaluation (no shard tasks)
+    c3 = build_mixed_int4(**common, work_dir=str(tmp_path / "t3"), eval_shards=3, return_state=True).result()
+    assert c3["eval_shards"] == 3 and c3["eval"] == sa["eval"] and c3["eval_shard_pids"] == [os.getpid()] * 3
+    c4 = build_mixed_int4(**common, work_dir=str(tmp_path / "t3"), eval_shards=3, return_state=True).result()
+    assert c4["cached"]["evaluate"] and c4["eval_shards"] == 0 and c4["eval"] == sa["eval"]

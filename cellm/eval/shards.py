@@ -232,13 +232,13 @@ def plan_eval_shards(candidate: Any, reference_source: Any, shards: int, *, corp
     """Plan ``shards`` shards of ``evaluate(candidate, reference_source, ...)`` (same keyword
     arguments and defaults). The reference is computed here at most once and always left in the
     reference cache (``use_cache=False`` recomputes and overwrites it), where the shards read it."""
-    from cellm.eval import evaluate as ev
+    from cellm.eval.evaluate import DEFAULT_GEN_TOKENS, DEFAULT_MAX_TOKENS, DEFAULT_TOP_K, DEFAULT_WINDOW
 
     plan, _, _ = prepare(
         candidate, reference_source, shards, corpus=corpus, prompts=prompts,
-        window=ev.DEFAULT_WINDOW if window is None else window, top_k=ev.DEFAULT_TOP_K if top_k is None else top_k,
-        gen_tokens=ev.DEFAULT_GEN_TOKENS if gen_tokens is None else gen_tokens,
-        max_tokens=ev.DEFAULT_MAX_TOKENS if max_tokens == "default" else max_tokens, gen_group=gen_group,
+        window=DEFAULT_WINDOW if window is None else window, top_k=DEFAULT_TOP_K if top_k is None else top_k,
+        gen_tokens=DEFAULT_GEN_TOKENS if gen_tokens is None else gen_tokens,
+        max_tokens=DEFAULT_MAX_TOKENS if max_tokens == "default" else max_tokens, gen_group=gen_group,
         cache=cache, use_cache=use_cache, save_reference=True, threads=threads, progress=progress)
     return plan
 
