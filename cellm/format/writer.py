@@ -2,19 +2,31 @@
 
 ``CellmWriter(path, header, specs)`` sorts the specs by name, assigns absolute 64-byte aligned
 offsets, fills ``header["tensors"]``, writes magic/version/header/padding to a temp file in the
-target directory; ``write(name, data)`` must then be called once per tensor in sorted name order
-(only one tensor is held at a time); ``close()`` checks every tensor was written, fsyncs and renames
-the temp file into place. ``abort()`` (or an exception inside ``with``) removes the temp file.
+target directory. Tensors are then written in sorted name order (``names``), either whole —
+``write(name, data)`` — or in consecutive chunks (e.g. row chunks of a quantized tensor):
+
+    with writer.tensor(name) as t:      # or: t = writer.tensor(name); ...; t.close()
+        for chunk in chunks:
+            t.write(chunk)              # the chunks must add up to the spec's nbytes
+    writer.write_tensor_chunks(name, chunks)   # the same, from an iterable
+
+so only one chunk is held at a time. ``close()`` checks every tensor was written, fsyncs and renames
+the temp file into place; ``abort()`` (or an exception inside ``with``) removes the temp file.
+With ``digest=True`` the writer hashes every byte as it writes it (``sha256``, no re-read), and
+``nbytes`` is the file size so far. Written data is handed to the kernel's writeback in the
+background every ``sync_every`` bytes, so the final fsync has little left to wait for.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
 import struct
+import threading
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -35,6 +47,7 @@ from cellm.format.constants import (
 )
 
 _ZEROS = bytes(ALIGNMENT)
+SYNC_EVERY = 16 << 20  # default: start writeback of every 16 MiB written (see CellmWriter)
 
 
 def check_required_keys(header: Mapping[str, Any], where: str = "header") -> None:
@@ -119,15 +132,65 @@ def plan_layout(header: Mapping[str, Any], specs: list[TensorSpec]) -> tuple[byt
     return blob, entries
 
 
+class TensorSink:
+    """The open tensor of a :class:`CellmWriter`: ``write(chunk)`` appends consecutive bytes of it;
+    ``close()`` (or leaving the ``with`` block) checks they add up to the spec's nbytes."""
+
+    def __init__(self, writer: "CellmWriter", entry: dict[str, Any]):
+        self._w = writer
+        self.entry = entry
+        self.written = 0
+        self.closed = False
+
+    @property
+    def name(self) -> str:
+        return self.entry["name"]
+
+    def write(self, data: np.ndarray | bytes | bytearray | memoryview) -> None:
+        if self.closed:
+            raise FormatError(f"tensor {self.name!r}: write after its last piece")
+        buf = self._w._bytes_of(self.entry, data)
+        if self.written + buf.nbytes > self.entry["nbytes"]:
+            raise FormatError(
+                f"tensor {self.name!r} ({self.entry['dtype']} {self.entry['shape']}): pieces total "
+                f"{self.written + buf.nbytes} bytes, expected {self.entry['nbytes']}"
+            )
+        self._w._emit(buf)
+        self.written += buf.nbytes
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        if self.written != self.entry["nbytes"]:
+            raise FormatError(
+                f"tensor {self.name!r} ({self.entry['dtype']} {self.entry['shape']}): pieces total "
+                f"{self.written} bytes, expected {self.entry['nbytes']}"
+            )
+        self.closed = True
+        self._w._finish(self)
+
+    def __enter__(self) -> "TensorSink":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+
+
 class CellmWriter:
-    def __init__(self, path: str | os.PathLike, header: Mapping[str, Any], specs: list[TensorSpec]):
+    def __init__(self, path: str | os.PathLike, header: Mapping[str, Any], specs: list[TensorSpec], *,
+                 digest: bool = False, sync_every: int | None = SYNC_EVERY):
         self.path = Path(path)
         blob, self.entries = plan_layout(header, list(specs))
         self.header = json.loads(blob)
         self._next = 0
         self._pos = 0
-        self._piece_bytes: int | None = None  # bytes of the tensor being written in pieces
+        self._open: TensorSink | None = None  # the tensor being written in pieces
         self._closed = False
+        self._sha = hashlib.sha256() if digest else None
+        self._sync_every = sync_every
+        self._synced_at = 0
+        self._sync_thread: threading.Thread | None = None
         # Temp file next to the target (same filesystem for the atomic rename), created with mode
         # 0o666 so the umask applies as for any normal file (mkstemp would leave it 0o600).
         self._tmp = self.path.parent / f".{self.path.name}.{secrets.token_hex(8)}.tmp"
@@ -143,11 +206,42 @@ class CellmWriter:
     # ------------------------------------------------------------------ internals
     def _emit(self, data: bytes | memoryview) -> None:
         self._f.write(data)
+        if self._sha is not None:
+            self._sha.update(data)
         self._pos += len(data)
+        if self._sync_every and self._pos - self._synced_at >= self._sync_every:
+            self._background_sync()
+
+    def _background_sync(self) -> None:
+        """Start writeback of what was written so far (fdatasync in a thread; at most one at a
+        time) so that close()'s fsync overlaps the rest of the conversion instead of following it."""
+        if self._sync_thread is not None and self._sync_thread.is_alive():
+            return
+        self._f.flush()
+        self._synced_at = self._pos
+        fd = self._f.fileno()
+
+        def sync() -> None:
+            try:
+                os.fdatasync(fd)
+            except OSError:
+                pass  # close() fsyncs again and reports errors there
+
+        self._sync_thread = threading.Thread(target=sync, name="cellm-writeback", daemon=True)
+        self._sync_thread.start()
+
+    def _join_sync(self) -> None:
+        if self._sync_thread is not None:
+            self._sync_thread.join()
+            self._sync_thread = None
 
     def _pad_to(self, target: int) -> None:
         while self._pos < target:
             self._emit(_ZEROS[: min(ALIGNMENT, target - self._pos)])
+
+    def _finish(self, sink: TensorSink) -> None:
+        self._open = None
+        self._next += 1
 
     @staticmethod
     def _bytes_of(entry: dict[str, Any], data: Any) -> memoryview:
@@ -167,64 +261,86 @@ class CellmWriter:
     # ------------------------------------------------------------------ API
     @property
     def names(self) -> list[str]:
-        """Tensor names in the order ``write`` expects them."""
+        """Tensor names in the order ``write``/``tensor`` expect them."""
         return [e["name"] for e in self.entries]
 
-    def write(self, name: str, data: np.ndarray | bytes | bytearray | memoryview) -> None:
+    @property
+    def nbytes(self) -> int:
+        """Bytes written so far (the file size once closed)."""
+        return self._pos
+
+    @property
+    def sha256(self) -> str:
+        """Hex sha256 of the bytes written so far (the file's, once closed); needs ``digest=True``."""
+        if self._sha is None:
+            raise FormatError("sha256 needs CellmWriter(..., digest=True)")
+        return self._sha.hexdigest()
+
+    def _begin(self, name: str, what: str) -> dict[str, Any]:
+        """The entry of ``name`` if it is the next tensor to write (``what`` names the call)."""
         if self._closed:
-            raise FormatError(f"write({name!r}) on a closed writer")
+            raise FormatError(f"{what} on a closed writer")
+        if self._open is not None:
+            raise FormatError(f"{what} while tensor {self._open.name!r} is being written in pieces")
         if self._next >= len(self.entries):
-            raise FormatError(f"write({name!r}): all {len(self.entries)} tensors were already written")
-        if self._piece_bytes is not None:
-            raise FormatError(f"write({name!r}) while tensor {self.entries[self._next]['name']!r} is "
-                              f"being written in pieces")
+            raise FormatError(f"{what}: all {len(self.entries)} tensors were already written")
         entry = self.entries[self._next]
         if name != entry["name"]:
-            raise FormatError(f"write({name!r}) out of order: expected tensor {entry['name']!r} next")
+            raise FormatError(f"{what} out of order: expected tensor {entry['name']!r} next")
+        return entry
+
+    def _open_sink(self, entry: dict[str, Any]) -> TensorSink:
+        self._pad_to(entry["offset_bytes"])
+        self._open = TensorSink(self, entry)
+        return self._open
+
+    def tensor(self, name: str) -> TensorSink:
+        """Open the next tensor (``name`` must be next in sorted order) for chunked writing."""
+        return self._open_sink(self._begin(name, f"tensor({name!r})"))
+
+    def write_tensor_chunks(self, name: str, chunks: Iterable[Any]) -> None:
+        """Write the next tensor from consecutive chunks (they must add up to its nbytes)."""
+        with self.tensor(name) as t:
+            for c in chunks:
+                t.write(c)
+
+    def write(self, name: str, data: np.ndarray | bytes | bytearray | memoryview) -> None:
+        """Write the whole next tensor at once (checked before anything is written)."""
+        entry = self._begin(name, f"write({name!r})")
         buf = self._bytes_of(entry, data)
         if buf.nbytes != entry["nbytes"]:
             raise FormatError(
                 f"tensor {name!r} ({entry['dtype']} {entry['shape']}): got {buf.nbytes} bytes, "
                 f"expected {entry['nbytes']}"
             )
-        self._pad_to(entry["offset_bytes"])
-        self._emit(buf)
-        self._next += 1
+        with self._open_sink(entry) as t:
+            t.write(buf)
 
     def write_part(self, name: str, data: np.ndarray | bytes | bytearray | memoryview, *,
                    first: bool, last: bool) -> None:
         """Write the next tensor in consecutive pieces (e.g. row chunks of a quantized tensor):
-        ``first`` marks its first piece, ``last`` its final one; the pieces must add up to nbytes."""
-        if first and last:
-            self.write(name, data)
-            return
-        if self._closed or self._next >= len(self.entries):
-            raise FormatError(f"write_part({name!r}) with no tensor left to write")
-        entry = self.entries[self._next]
-        if name != entry["name"]:
-            raise FormatError(f"write_part({name!r}) out of order: expected tensor {entry['name']!r} next")
-        buf = self._bytes_of(entry, data)
+        ``first`` marks its first piece, ``last`` its final one; the pieces must add up to nbytes.
+        (The flag form of ``tensor(name)`` / ``TensorSink.write`` / ``TensorSink.close``.)"""
+        what = f"write_part({name!r})"
         if first:
-            self._pad_to(entry["offset_bytes"])
-            self._piece_bytes = 0
-        elif self._piece_bytes is None:
-            raise FormatError(f"write_part({name!r}): its first piece was not marked first=True")
-        self._piece_bytes += buf.nbytes
-        if self._piece_bytes > entry["nbytes"] or (last and self._piece_bytes != entry["nbytes"]):
-            raise FormatError(
-                f"tensor {name!r} ({entry['dtype']} {entry['shape']}): pieces total "
-                f"{self._piece_bytes} bytes, expected {entry['nbytes']}"
-            )
-        self._emit(buf)
+            sink = self._open_sink(self._begin(name, what))
+        else:
+            sink = self._open
+            if sink is None:
+                if not self._closed and self._next < len(self.entries) and self.entries[self._next]["name"] == name:
+                    raise FormatError(f"{what}: its first piece was not marked first=True")
+                self._begin(name, what)  # raises the out-of-order / closed error
+            elif sink.name != name:
+                raise FormatError(f"{what} while tensor {sink.name!r} is being written in pieces")
+        sink.write(data)
         if last:
-            self._next += 1
-            self._piece_bytes = None
+            sink.close()
 
     def close(self) -> Path:
         """Finish: every tensor must have been written; fsync + atomic rename. Returns the path."""
         if self._closed:
             return self.path
-        if self._next != len(self.entries):
+        if self._next != len(self.entries) or self._open is not None:
             missing = self.entries[self._next]["name"]
             self.abort()
             raise FormatError(
@@ -232,6 +348,7 @@ class CellmWriter:
             )
         try:
             self._f.flush()
+            self._join_sync()
             os.fsync(self._f.fileno())
             self._f.close()
             os.replace(self._tmp, self.path)
@@ -252,6 +369,7 @@ class CellmWriter:
     def abort(self) -> None:
         """Drop the partial file (idempotent)."""
         self._closed = True
+        self._join_sync()
         try:
             self._f.close()
         except Exception:
@@ -325,4 +443,4 @@ def header_from_config(cfg: Any, raw_hf_config: Mapping[str, Any] | None = None,
     return h
 
 
-__all__ = ["CellmWriter", "write_cellm", "header_from_config", "plan_layout", "check_required_keys"]
+__all__ = ["CellmWriter", "TensorSink", "write_cellm", "header_from_config", "plan_layout", "check_required_keys"]
