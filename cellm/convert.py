@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from cellm import __version__
-from cellm.errors import CellmError, FormatError, QuantizationError
+from cellm.errors import CellmError, QuantizationError
 from cellm.format.writer import CellmWriter
 from cellm.format.constants import DTYPES
 from cellm.profile import Plan, Profile, load_profile
@@ -57,16 +57,26 @@ def temp_path(final: Path) -> Path:
 
 
 def atomic_write_bytes(final: Path, data: bytes) -> None:
+    tmp = _write_temp(final, data)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_temp(final: Path, data: bytes) -> Path:
+    """Write ``data`` to ``final``'s temp file and fsync it (the rename is the caller's)."""
     tmp = temp_path(final)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return tmp
 
 
 def default_output_name(source_name: str, profile_name: str) -> str:
@@ -148,48 +158,53 @@ def _process(source, entry, rows: slice | None, calibration: Any = None) -> dict
         raise QuantizationError(f"tensor {entry.name}{where}: {exc}") from exc
 
 
-class _StreamingWriter(CellmWriter):
-    """CellmWriter that hashes everything it emits and accepts a tensor in row-chunk parts."""
+def _stream_tensors(source, plan: Plan, writer: CellmWriter, pool: cf.Executor, threads: int,
+                    calibration: Any, progress: Progress | None, total: int) -> None:
+    """Quantize the work items on ``pool`` (at most ``threads + 1`` in flight, so memory stays a few
+    chunks) and stream the results, in order, into ``writer``: the main tensor chunk by chunk, its
+    companions (scales, zero points) once its last chunk is in."""
+    items = _work_items(source, plan)
+    window: collections.deque = collections.deque()
 
-    def __init__(self, path, header, specs):
-        self._sha = hashlib.sha256()
-        self._part_bytes = 0
-        super().__init__(path, header, specs)
+    def fill() -> None:
+        while len(window) < threads + 1:
+            nxt = next(items, None)
+            if nxt is None:
+                return
+            window.append((nxt[0], nxt[1], pool.submit(_process, source, *nxt, calibration)))
 
-    def _emit(self, data) -> None:
-        self._sha.update(data)
-        super()._emit(data)
-
-    @property
-    def sha256(self) -> str:
-        return self._sha.hexdigest()
-
-    @property
-    def nbytes(self) -> int:
-        return self._pos
-
-    def write_part(self, name: str, data: np.ndarray, *, first: bool, last: bool) -> None:
-        """Write rows of the next tensor; ``first``/``last`` mark its first and final part."""
-        if first and last:
-            self.write(name, data)
-            return
-        if self._closed or self._next >= len(self.entries):
-            raise FormatError(f"write_part({name!r}) with no tensor left to write")
-        entry = self.entries[self._next]
-        if name != entry["name"]:
-            raise FormatError(f"write_part({name!r}) out of order: expected tensor {entry['name']!r} next")
-        buf = memoryview(np.ascontiguousarray(data)).cast("B")
-        if first:
-            self._pad_to(entry["offset_bytes"])
-            self._part_bytes = 0
-        self._part_bytes += buf.nbytes
-        if self._part_bytes > entry["nbytes"] or (last and self._part_bytes != entry["nbytes"]):
-            raise FormatError(
-                f"tensor {name!r}: parts total {self._part_bytes} bytes, expected {entry['nbytes']}"
-            )
-        self._emit(buf)
-        if last:
-            self._next += 1
+    fill()
+    done = 0
+    sink = None
+    companions: dict[str, list[np.ndarray]] = collections.defaultdict(list)
+    try:
+        while window:
+            entry, rows, fut = window.popleft()
+            parts = fut.result()
+            fill()
+            if rows is None or rows.start == 0:
+                sink = writer.tensor(entry.name)
+            main = parts.pop("")
+            sink.write(main)
+            done += main.nbytes
+            del main
+            for suf, arr in parts.items():
+                companions[suf].append(arr)
+            del parts
+            if rows is None or rows.stop == entry.shape[0]:
+                sink.close()
+                for spec in entry.specs[1:]:
+                    chunks = companions.pop(spec.name[len(entry.name):])
+                    arr = chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)
+                    writer.write(spec.name, arr)
+                    done += spec.nbytes
+                if companions:
+                    raise CellmError(f"tensor {entry.name}: unexpected parts {sorted(companions)}")
+            if progress is not None:
+                progress(entry.name, done, total)
+    finally:
+        for _, _, fut in window:  # on error: drop the queued work, don't wait for all of it
+            fut.cancel()
 
 
 def convert(
@@ -228,64 +243,35 @@ def convert(
     header = _header(source, prof, plan, tok_sha)
     specs = plan.specs()
     total = sum(s.nbytes for s in specs)
-    done = 0
-    writer = _StreamingWriter(final, header, specs)
+    writer = CellmWriter(final, header, specs, digest=True)
     threads = max(1, int(threads))
-    sidecars: list[Path] = []
-    had_cellm = True
+    tok_path = stem.with_name(stem.name + ".tokenizer.json") if tok_bytes is not None else None
+    notice_path = stem.with_name(stem.name + ".NOTICE") if notice_bytes is not None else None
+    sidecars = [(p, b) for p, b in ((tok_path, tok_bytes), (notice_path, notice_bytes)) if p is not None]
+    renamed: list[Path] = []
+    had_cellm = final.exists()
     try:
-        items = _work_items(source, plan)
-        with cf.ThreadPoolExecutor(max_workers=threads) as pool:
-            window: collections.deque = collections.deque()
-
-            def fill() -> None:
-                while len(window) < threads + 1:
-                    nxt = next(items, None)
-                    if nxt is None:
-                        return
-                    window.append((nxt[0], nxt[1], pool.submit(_process, source, *nxt, calibration)))
-
-            fill()
-            companions: dict[str, list[np.ndarray]] = collections.defaultdict(list)
-            while window:
-                entry, rows, fut = window.popleft()
-                parts = fut.result()
-                fill()
-                first = rows is None or rows.start == 0
-                last = rows is None or rows.stop == entry.shape[0]
-                main = parts.pop("")
-                writer.write_part(entry.name, main, first=first, last=last)
-                done += main.nbytes
-                del main
-                for suf, arr in parts.items():
-                    companions[suf].append(arr)
-                del parts
-                if last:
-                    for spec in entry.specs[1:]:
-                        chunks = companions.pop(spec.name[len(entry.name):])
-                        arr = chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)
-                        writer.write(spec.name, arr)
-                        done += spec.nbytes
-                    if companions:
-                        raise CellmError(f"tensor {entry.name}: unexpected parts {sorted(companions)}")
-                if progress is not None:
-                    progress(entry.name, done, total)
-        # sidecars first (each atomic), then the .cellm rename: a .cellm never lacks its tokenizer
-        had_cellm = final.exists()
-        tok_path = notice_path = None
-        if tok_bytes is not None:
-            tok_path = stem.with_name(stem.name + ".tokenizer.json")
-            sidecars.append(tok_path)
-            atomic_write_bytes(tok_path, tok_bytes)
-        if notice_bytes is not None:
-            notice_path = stem.with_name(stem.name + ".NOTICE")
-            sidecars.append(notice_path)
-            atomic_write_bytes(notice_path, notice_bytes)
+        # a side thread writes + fsyncs the sidecars' temp files while the tensors are quantized
+        with cf.ThreadPoolExecutor(max_workers=1) as side, cf.ThreadPoolExecutor(max_workers=threads) as pool:
+            side_jobs = [side.submit(_write_temp, p, b) for p, b in sidecars]
+            try:
+                _stream_tensors(source, plan, writer, pool, threads, calibration, progress, total)
+            finally:
+                side_errors = [j.exception() for j in side_jobs]  # waits; temp files exist or not
+        for err in side_errors:
+            if err is not None:
+                raise err
+        # sidecars first (each fsynced, renamed), then the .cellm: a .cellm never lacks its tokenizer
+        for p, _ in sidecars:
+            os.replace(temp_path(p), p)
+            renamed.append(p)
         writer.close()
     except BaseException:
         writer.abort()
+        for p, _ in sidecars:
+            temp_path(p).unlink(missing_ok=True)
         if not had_cellm:  # nothing of a failed first conversion stays behind
-            for p in sidecars:
+            for p in renamed:
                 p.unlink(missing_ok=True)
         raise
     sha, nbytes = writer.sha256, writer.nbytes
