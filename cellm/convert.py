@@ -233,6 +233,25 @@ def convert(
 
         calibration = calibration_stats(source)
     final = Path(out) if out is not None else Path(out_dir) / default_output_name(source.name, prof.name)
+    threads = max(1, int(threads))
+
+    def fill(writer: CellmWriter) -> None:
+        total = sum(e["nbytes"] for e in writer.entries)
+        with cf.ThreadPoolExecutor(max_workers=threads) as pool:
+            _stream_tensors(source, plan, writer, pool, threads, calibration, progress, total)
+
+    return write_artifact(source, prof, plan, final, fill)
+
+
+def write_artifact(source: Any, prof: Profile, plan: Plan, final: str | os.PathLike,
+                   fill: Callable[[CellmWriter], None]) -> ConvertResult:
+    """Write the ``.cellm`` of ``plan`` (convert's header) and its sidecars, atomically.
+
+    ``fill(writer)`` writes every tensor through the public :class:`CellmWriter` API (in
+    ``writer.names`` order); meanwhile a side thread writes and fsyncs the sidecars' temp files.
+    Sidecars are renamed into place first, then the ``.cellm``; on any error the temp files are
+    removed (and the sidecars too when no ``.cellm`` existed before)."""
+    final = Path(final)
     if final.suffix != ".cellm":
         raise CellmError(f"output {str(final)!r} must end in .cellm")
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -241,21 +260,17 @@ def convert(
     notice_bytes = _read_blob(getattr(source, "notice", None))
     tok_sha = hashlib.sha256(tok_bytes).hexdigest() if tok_bytes is not None else None
     header = _header(source, prof, plan, tok_sha)
-    specs = plan.specs()
-    total = sum(s.nbytes for s in specs)
-    writer = CellmWriter(final, header, specs, digest=True)
-    threads = max(1, int(threads))
+    writer = CellmWriter(final, header, plan.specs(), digest=True)
     tok_path = stem.with_name(stem.name + ".tokenizer.json") if tok_bytes is not None else None
     notice_path = stem.with_name(stem.name + ".NOTICE") if notice_bytes is not None else None
     sidecars = [(p, b) for p, b in ((tok_path, tok_bytes), (notice_path, notice_bytes)) if p is not None]
     renamed: list[Path] = []
     had_cellm = final.exists()
     try:
-        # a side thread writes + fsyncs the sidecars' temp files while the tensors are quantized
-        with cf.ThreadPoolExecutor(max_workers=1) as side, cf.ThreadPoolExecutor(max_workers=threads) as pool:
+        with cf.ThreadPoolExecutor(max_workers=1) as side:
             side_jobs = [side.submit(_write_temp, p, b) for p, b in sidecars]
             try:
-                _stream_tensors(source, plan, writer, pool, threads, calibration, progress, total)
+                fill(writer)
             finally:
                 side_errors = [j.exception() for j in side_jobs]  # waits; temp files exist or not
         for err in side_errors:
@@ -274,9 +289,8 @@ def convert(
             for p in renamed:
                 p.unlink(missing_ok=True)
         raise
-    sha, nbytes = writer.sha256, writer.nbytes
     return ConvertResult(
-        path=final, sha256=sha, nbytes=nbytes, bytes_per_scheme=plan.bytes_per_scheme,
+        path=final, sha256=writer.sha256, nbytes=writer.nbytes, bytes_per_scheme=plan.bytes_per_scheme,
         profile=prof.name, profile_hash=prof.content_hash, source=header["cellm_source"],
         tokenizer=tok_path, notice=notice_path,
     )
