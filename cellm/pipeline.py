@@ -98,22 +98,14 @@ def key_dir(work_dir: str | os.PathLike, source_name: str, key: str) -> Path:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write JSON via temp file + fsync + rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write JSON through :func:`cellm.atomic.atomic_write` (temp file + fsync + rename)."""
+    from cellm.atomic import atomic_write
+
+    def fill(f) -> None:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+
+    return atomic_write(path, fill, binary=False)
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -622,12 +614,12 @@ def _npz_key(name: str) -> str:
 def assemble_shards(spec: str, revision: str | None, profile: str, shard_files: list[str],
                     work_dir: str | os.PathLike, *, source_hash: str, profile_hash: str) -> dict[str, Any]:
     """Write the ``.cellm`` (and sidecars) of a sharded conversion into the same content-addressed
-    key directory :func:`convert_step` uses, from the shards' arrays, with convert's header and the
-    container writer; the bytes equal a direct conversion's."""
+    key directory :func:`convert_step` uses, from the shards' arrays, through convert's
+    :func:`cellm.convert.write_artifact` (same header, sidecars, atomicity; sha256 computed while
+    writing); the bytes equal a direct conversion's."""
     import numpy as np
 
     from cellm import convert as cv
-    from cellm.format import CellmWriter
 
     ck = open_checked(spec, revision, source_hash)
     prof, plan = _plan_of(ck, profile)
@@ -645,38 +637,22 @@ def assemble_shards(spec: str, revision: str | None, profile: str, shard_files: 
             for k in z.files:
                 where[k] = z
         final = d / cv.default_output_name(ck.name, prof.name)
-        tok = cv._read_blob(getattr(ck, "tokenizer_json", None))
-        notice = cv._read_blob(getattr(ck, "notice", None))
-        tok_sha = hashlib.sha256(tok).hexdigest() if tok is not None else None
-        header = cv._header(ck, prof, plan, tok_sha)
-        writer = CellmWriter(final, header, plan.specs())
-        try:
+
+        def fill(writer) -> None:
             for name in writer.names:
                 z = where.get(_npz_key(name))
                 if z is None:
                     raise PipelineError(f"no shard holds tensor {name!r} ({len(shard_files)} shards)")
                 writer.write(name, z[_npz_key(name)])
-            stem = final.with_suffix("")
-            tok_path = notice_path = None
-            if tok is not None:
-                tok_path = stem.with_name(stem.name + ".tokenizer.json")
-                cv.atomic_write_bytes(tok_path, tok)
-            if notice is not None:
-                notice_path = stem.with_name(stem.name + ".NOTICE")
-                cv.atomic_write_bytes(notice_path, notice)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
+
+        try:
+            res = cv.write_artifact(ck, prof, plan, final, fill)
         finally:
             for z in loaded:
                 z.close()
         for f in shard_files:  # the shards are as big as the artifact: drop them once it exists
             Path(f).unlink(missing_ok=True)
-        rec = {"path": str(final), "sha256": file_sha256(final), "nbytes": final.stat().st_size,
-               "bytes_per_scheme": plan.bytes_per_scheme, "profile": prof.name, "profile_hash": prof.content_hash,
-               "source": header["cellm_source"], "tokenizer": str(tok_path) if tok_path else None,
-               "notice": str(notice_path) if notice_path else None, "key": key, "dir": str(d),
+        rec = {**res.to_dict(), "key": key, "dir": str(d),
                "source_hash": source_hash, "tensors_per_scheme": plan.tensors_per_scheme,
                "shards": len(shard_files), "seconds": time.perf_counter() - t0}
         write_record(d, "convert", rec)
