@@ -254,7 +254,9 @@ class _Validator:
                 if _is_int(hv) and hv != getattr(cfg, ckey):
                     self.add("config", None, PREFIX_LEN,
                              f"header {hkey}={hv} disagrees with source_text_config {ckey}={getattr(cfg, ckey)}")
-            for name, shape in expected_tensors(cfg).items():
+            expected = expected_tensors(cfg)
+            self._extra(expected, cfg)
+            for name, shape in expected.items():
                 if name not in all_names:
                     self.add("missing", name, None, f"Gemma-3 tensor {name} {list(shape)} is missing")
                 elif name in self.tensors and self.tensors[name].shape != shape:
@@ -297,6 +299,22 @@ class _Validator:
                         self.add("scheme", tname, info.offset,
                                  f"scheme {sname} stores dtype {sdt} but the tensor is {info.dtype}")
         return cfg
+
+    def _extra(self, expected: dict[str, tuple[int, ...]], cfg: GemmaTextConfig) -> None:
+        """Tensors that are neither Gemma-3 tensors of this config nor a companion of one."""
+        for e in self.header.get("tensors", []):
+            name = e.get("name") if isinstance(e, dict) else None
+            if not isinstance(name, str) or name in expected:
+                continue
+            main = name.rsplit(".", 1)[0] if name.endswith(COMPANION_SUFFIXES) else None
+            if main is not None and main in expected:
+                continue
+            off = e.get("offset_bytes")
+            why = (f"a companion of {main}, which is not a Gemma-3 tensor" if main is not None
+                   else "neither a Gemma-3 tensor nor a companion of one")
+            self.add("extra", name, off if _is_int(off) else None,
+                     f"unexpected tensor at offset {off}: {why} for this config "
+                     f"({cfg.num_hidden_layers} layers, tie_word_embeddings={cfg.tie_word_embeddings})")
 
     def _companions(self, info: TensorInfo) -> None:
         name, dtype = info.name, info.dtype

@@ -285,3 +285,33 @@ def test_every_scheme_validates_with_source(tiny_ckpt, tmp_path):
     res = convert(str(tiny_ckpt), str(prof), tmp_path / "all.cellm")
     rep = validate(res.path, source=str(tiny_ckpt))
     assert rep.ok, rep.problems
+
+
+@pytest.mark.parametrize("extra", [
+    ("model.layers.0.mlp.extra_proj.weight", "f16", (4,), None),  # not a Gemma-3 tensor
+    ("model.layers.99.input_layernorm.weight", "f16", (4,), None),  # a layer the config lacks
+    ("lm_head.weight", "f16", (4,), None),  # tied config: no separate LM head
+    ("model.norm.bias.qscale", "f16", (4,), "model.norm.bias"),  # companion of a non-Gemma tensor
+])
+def test_extra_tensor_is_an_error_naming_it_and_its_offset(good, tmp_path, extra):
+    from cellm.format import CellmReader
+    from cellm.format.writer import write_cellm
+
+    name, dtype, shape, main = extra
+    with CellmReader(good["int4-v1"]) as r:
+        header = dict(r.header)
+        arrays = {t["name"]: (t["dtype"], tuple(t["shape"]), np.array(r.raw(t["name"])))
+                  for t in header["tensors"]}
+    arrays[name] = (dtype, shape, np.ones(shape, np.float16))
+    out = write_cellm(tmp_path / "extra.cellm", header, arrays)
+    rep = validate(out)
+    assert not rep.ok
+    probs = [p for p in rep.problems if p.kind == "extra"]
+    assert [p.tensor for p in probs] == [name], rep.problems
+    with CellmReader(out) as r:
+        off = r.info(name).offset
+    assert probs[0].offset == off and f"offset {off}" in str(probs[0])
+    if main is not None:
+        assert f"companion of {main}" in probs[0].message
+    # nothing else is wrong with the file
+    assert {p.kind for p in rep.problems} == {"extra"} | ({"companion"} if main else set()), rep.problems
