@@ -102,9 +102,28 @@ def clip_search_block(xb: np.ndarray, wt: np.ndarray | None, alphas=ALPHAS,
     return np.where(use, s_ls, best_s), np.where(use, best_z, best_z)
 
 
-def clip_scales(w: np.ndarray, block: int, importance: np.ndarray | None = None,
-                alphas=ALPHAS) -> tuple[np.ndarray, np.ndarray]:
-    """Searched f16 scales [N, nb] and uint8 zero points [N, nb] for asymmetric ``q4g<block>``."""
+def _importance_weights(importance: np.ndarray | None, k: int, nb: int, block: int) -> np.ndarray | None:
+    if importance is None:
+        return None
+    imp = np.asarray(importance, dtype=np.float32).reshape(-1)
+    if imp.shape[0] != k or not np.isfinite(imp).all() or (imp < 0).any():
+        raise QuantizationError(
+            f"importance must be {k} finite non-negative values, got shape {list(imp.shape)}"
+        )
+    padded = np.zeros(nb * block, dtype=np.float32)
+    padded[:k] = imp
+    return padded.reshape(1, nb, block)
+
+
+def _chunk_codes(xb: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
+    """uint8-valued codes [R, nb*B] of blocks ``xb`` for f16 ``scales`` / uint8 ``zeros`` [R, nb]."""
+    return _codes(xb, scales.astype(np.float32), zeros.astype(np.float32)).reshape(xb.shape[0], -1)
+
+
+def _clip(w: np.ndarray, block: int, importance: np.ndarray | None, alphas,
+          with_codes: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One pass over row chunks of ``w``: searched f16 scales, uint8 zero points [N, nb] and, with
+    ``with_codes``, the uint8 codes [N, nb*B] (each chunk blocked once for both)."""
     if block not in GROUP_SIZES:
         raise QuantizationError(f"block size {block} unsupported; supported: {list(GROUP_SIZES)}")
     w = as_f32_2d(w, f"q4g{block}-clip")
@@ -112,42 +131,40 @@ def clip_scales(w: np.ndarray, block: int, importance: np.ndarray | None = None,
     if not np.isfinite(w).all():
         raise_nonfinite(w, f"q4g{block}-clip")
     nb = n_blocks(k, block)
-    wt = None
-    if importance is not None:
-        imp = np.asarray(importance, dtype=np.float32).reshape(-1)
-        if imp.shape[0] != k or not np.isfinite(imp).all() or (imp < 0).any():
-            raise QuantizationError(
-                f"importance must be {k} finite non-negative values, got shape {list(imp.shape)}"
-            )
-        padded = np.zeros(nb * block, dtype=np.float32)
-        padded[:k] = imp
-        wt = padded.reshape(1, nb, block)
+    wt = _importance_weights(importance, k, nb, block)
     scales = np.empty((n, nb), dtype=np.float16)
     zeros = np.empty((n, nb), dtype=np.uint8)
+    codes = np.empty((n, nb * block), dtype=np.uint8) if with_codes else None
     for sl in row_chunks(n, nb * block, _CHUNK):
-        s, z = clip_search_block(blocked(w[sl], block), wt, alphas)
+        xb = blocked(w[sl], block)
+        s, z = clip_search_block(xb, wt, alphas)
         scales[sl] = s.astype(np.float16)
         zeros[sl] = z.astype(np.uint8)
+        if codes is not None:
+            codes[sl] = _chunk_codes(xb, scales[sl], zeros[sl])
+    return scales, zeros, codes
+
+
+def clip_scales(w: np.ndarray, block: int, importance: np.ndarray | None = None,
+                alphas=ALPHAS) -> tuple[np.ndarray, np.ndarray]:
+    """Searched f16 scales [N, nb] and uint8 zero points [N, nb] for asymmetric ``q4g<block>``."""
+    scales, zeros, _ = _clip(w, block, importance, alphas, with_codes=False)
     return scales, zeros
 
 
 def codes_for(w: np.ndarray, block: int, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
     """uint8 codes [N, nb*B] for given f16 scales and zero points (``rint(w/s + zp)`` clipped)."""
     n, k = w.shape
-    nb = n_blocks(k, block)
-    out = np.empty((n, nb * block), dtype=np.uint8)
-    s = scales.astype(np.float32)
-    z = zeros.astype(np.float32)
-    for sl in row_chunks(n, nb * block, _CHUNK):
-        out[sl] = _codes(blocked(w[sl], block), s[sl], z[sl]).reshape(out[sl].shape[0], -1)
+    out = np.empty((n, n_blocks(k, block) * block), dtype=np.uint8)
+    for sl in row_chunks(n, out.shape[1], _CHUNK):
+        out[sl] = _chunk_codes(blocked(w[sl], block), scales[sl], zeros[sl])
     return out
 
 
 def quantize_clip(w: np.ndarray, block: int, importance: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Storage parts (``""``, ``.qscale``, ``.qzero``) of ``q4g<block>`` with searched ranges."""
-    w = as_f32_2d(w, f"q4g{block}-clip")
-    scales, zeros = clip_scales(w, block, importance)
-    return pack_groupwise(codes_for(w, block, scales, zeros), scales, zeros, block)
+    scales, zeros, codes = _clip(w, block, importance, ALPHAS, with_codes=True)
+    return pack_groupwise(codes, scales, zeros, block)
 
 
 @dataclasses.dataclass(frozen=True)
