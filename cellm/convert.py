@@ -158,11 +158,10 @@ def _process(source, entry, rows: slice | None, calibration: Any = None) -> dict
         raise QuantizationError(f"tensor {entry.name}{where}: {exc}") from exc
 
 
-def _stream_tensors(source, plan: Plan, writer: CellmWriter, pool: cf.Executor, threads: int,
-                    calibration: Any, progress: Progress | None, total: int) -> None:
-    """Quantize the work items on ``pool`` (at most ``threads + 1`` in flight, so memory stays a few
-    chunks) and stream the results, in order, into ``writer``: the main tensor chunk by chunk, its
-    companions (scales, zero points) once its last chunk is in."""
+def _quantize_in_order(source, plan: Plan, pool: cf.Executor, threads: int, calibration: Any):
+    """Start quantizing the work items on ``pool`` now (at most ``threads + 1`` in flight, so memory
+    stays a few chunks); returns ``(results, cancel)``: ``results`` yields ``(entry, rows, parts)``
+    in order, ``cancel()`` drops the queued work (call it when the results are not all consumed)."""
     items = _work_items(source, plan)
     window: collections.deque = collections.deque()
 
@@ -173,38 +172,50 @@ def _stream_tensors(source, plan: Plan, writer: CellmWriter, pool: cf.Executor, 
                 return
             window.append((nxt[0], nxt[1], pool.submit(_process, source, *nxt, calibration)))
 
-    fill()
-    done = 0
-    sink = None
-    companions: dict[str, list[np.ndarray]] = collections.defaultdict(list)
-    try:
+    def results() -> Iterator[tuple[Any, slice | None, dict[str, np.ndarray]]]:
         while window:
             entry, rows, fut = window.popleft()
             parts = fut.result()
             fill()
-            if rows is None or rows.start == 0:
-                sink = writer.tensor(entry.name)
-            main = parts.pop("")
-            sink.write(main)
-            done += main.nbytes
-            del main
-            for suf, arr in parts.items():
-                companions[suf].append(arr)
-            del parts
-            if rows is None or rows.stop == entry.shape[0]:
-                sink.close()
-                for spec in entry.specs[1:]:
-                    chunks = companions.pop(spec.name[len(entry.name):])
-                    arr = chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)
-                    writer.write(spec.name, arr)
-                    done += spec.nbytes
-                if companions:
-                    raise CellmError(f"tensor {entry.name}: unexpected parts {sorted(companions)}")
-            if progress is not None:
-                progress(entry.name, done, total)
-    finally:
-        for _, _, fut in window:  # on error: drop the queued work, don't wait for all of it
+            yield entry, rows, parts
+
+    def cancel() -> None:
+        for _, _, fut in window:
             fut.cancel()
+        window.clear()
+
+    fill()
+    return results(), cancel
+
+
+def _write_results(results, writer: CellmWriter, progress: Progress | None) -> None:
+    """Stream quantized work items into ``writer``: the main tensor chunk by chunk, its companions
+    (scales, zero points) once its last chunk is in."""
+    total = sum(e["nbytes"] for e in writer.entries)
+    done = 0
+    sink = None
+    companions: dict[str, list[np.ndarray]] = collections.defaultdict(list)
+    for entry, rows, parts in results:
+        if rows is None or rows.start == 0:
+            sink = writer.tensor(entry.name)
+        main = parts.pop("")
+        sink.write(main)
+        done += main.nbytes
+        del main
+        for suf, arr in parts.items():
+            companions[suf].append(arr)
+        del parts
+        if rows is None or rows.stop == entry.shape[0]:
+            sink.close()
+            for spec in entry.specs[1:]:
+                chunks = companions.pop(spec.name[len(entry.name):])
+                arr = chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)
+                writer.write(spec.name, arr)
+                done += spec.nbytes
+            if companions:
+                raise CellmError(f"tensor {entry.name}: unexpected parts {sorted(companions)}")
+        if progress is not None:
+            progress(entry.name, done, total)
 
 
 def convert(
@@ -233,14 +244,16 @@ def convert(
 
         calibration = calibration_stats(source)
     final = Path(out) if out is not None else Path(out_dir) / default_output_name(source.name, prof.name)
+    if final.suffix != ".cellm":
+        raise CellmError(f"output {str(final)!r} must end in .cellm")
     threads = max(1, int(threads))
-
-    def fill(writer: CellmWriter) -> None:
-        total = sum(e["nbytes"] for e in writer.entries)
-        with cf.ThreadPoolExecutor(max_workers=threads) as pool:
-            _stream_tensors(source, plan, writer, pool, threads, calibration, progress, total)
-
-    return write_artifact(source, prof, plan, final, fill)
+    with cf.ThreadPoolExecutor(max_workers=threads) as pool:
+        # the workers start on the first tensors while the header, sidecars and writer are set up
+        results, cancel = _quantize_in_order(source, plan, pool, threads, calibration)
+        try:
+            return write_artifact(source, prof, plan, final, lambda w: _write_results(results, w, progress))
+        finally:
+            cancel()  # on error: drop the queued work instead of finishing it
 
 
 def write_artifact(source: Any, prof: Profile, plan: Plan, final: str | os.PathLike,
