@@ -110,6 +110,8 @@ def _gate_class_of(candidate: Any) -> Optional[str]:
 
         with CellmReader(p) as r:
             prof = r.header.get("cellm_profile")
+        if isinstance(prof, dict) and isinstance(prof.get("gate_class"), str):
+            return prof["gate_class"]  # recorded by the converter (works for profile files too)
         name = prof.get("name") if isinstance(prof, dict) else prof
         return load_profile(str(name)).gate_class if name else None
     except Exception:  # an unknown profile name just leaves the class to --gate-class
