@@ -299,10 +299,9 @@ def run_build(flow_name: str, *, source: str, revision: str | None, profile: str
         cached[name] = st.name == "Cached" or bool(isinstance(res, dict) and res.get("reused"))
         return res
 
-    if eval_shards != 0:
-        from cellm.eval.shards import check_shard_count
+    from cellm.eval.shards import check_shard_count
 
-        check_shard_count(eval_shards)  # bad parameter: fail before any work
+    check_shard_count(eval_shards, allow_auto=True)  # bad parameter: fail before any work
     eval_shards = eval_shards or (1 if task_runner == "threads" else 2)
     inputs = step("check-inputs", check_inputs_task, source, profile, gate, registry, threads, shards, task_runner)
     src = step("fetch", fetch_task, source, revision)

@@ -146,7 +146,7 @@ def test_gate_override_file_publishes_valid_bundle(prefect_harness, tiny_ckpt, t
         ({"registry": "ftp://x"}, "registry='ftp://x' must be a file://PATH or oci://HOST/REPO url"),
         ({"task_runner": "spark"}, "task_runner='spark'"),
         ({"gate": "int2"}, "gate='int2' must be a gate class"),
-        ({"eval_shards": -1}, "eval shards=-1 must be an integer in [1, 1024]"),
+        ({"eval_shards": -1}, "eval shards=-1 must be an integer in [0, 1024] (0 = auto)"),
     ],
 )
 def test_bad_input_fails_fast_with_library_message(prefect_harness, tiny_ckpt, tmp_path, kwargs, message):

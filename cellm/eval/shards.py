@@ -124,9 +124,12 @@ class ShardResult:
     seconds: float
 
 
-def check_shard_count(shards: Any) -> int:
-    if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= MAX_SHARDS:
-        raise EvalError(f"eval shards={shards!r} must be an integer in [1, {MAX_SHARDS}]")
+def check_shard_count(shards: Any, *, allow_auto: bool = False) -> int:
+    """``shards`` if it is a valid shard count (``allow_auto``: 0 too, meaning "let the caller choose")."""
+    lo = 0 if allow_auto else 1
+    if isinstance(shards, bool) or not isinstance(shards, int) or not lo <= shards <= MAX_SHARDS:
+        raise EvalError(f"eval shards={shards!r} must be an integer in [{lo}, {MAX_SHARDS}]"
+                        + (" (0 = auto)" if allow_auto else ""))
     return shards
 
 
