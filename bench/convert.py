@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs.append(("1B-shaped synthetic (BF16)", synthetic_1b(cache), args.profiles_1b, {"*": (None, 1536)}))
 
     rows, raw = [], []
+    load_start = load_avg()
     with tempfile.TemporaryDirectory(prefix="cellm-bench-") as out:
         for label, src, profiles, targets in jobs:
             run_one(src, profiles[0], Path(out), args.threads)  # warm page cache + hash cache
@@ -148,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 raw.append({"checkpoint": label, "profile": prof, "runs": runs})
                 print(rows[-1], file=sys.stderr, flush=True)
-    print(f"threads={args.threads}, repeat={args.repeat}, load average at end: {load_avg()}, "
-          f"cpus={os.cpu_count()}\n")
+    print(f"threads={args.threads}, repeat={args.repeat}, load average (1/5/15 min) at start: {load_start}, "
+          f"at end: {load_avg()}, cpus={os.cpu_count()}\n")
     print("| checkpoint | profile | output MiB | convert wall s (best) | median s | CPU s | process wall s "
           "| peak RSS MiB (max) |")
     print("|---|---|---|---|---|---|---|---|")
