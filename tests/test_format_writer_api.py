@@ -92,3 +92,19 @@ def test_background_writeback_keeps_bytes(tmp_path):
         w.write("z", arrays["z"][2])
     assert (tmp_path / "s.cellm").read_bytes() == ref
     assert w.sha256 == hashlib.sha256(ref).hexdigest()
+
+
+def test_sink_write_after_close_or_abort(tmp_path):
+    arr = _arrays()
+    specs = [make_spec(n, dt, shp) for n, (dt, shp, _) in arr.items()]
+    w = CellmWriter(tmp_path / "a.cellm", BASE, specs)
+    t = w.tensor("a")
+    t.write(arr["a"][2])
+    t.close()
+    with pytest.raises(FormatError, match="write after its last piece"):
+        t.write(b"x")
+    t2 = w.tensor("a.qscale")
+    w.abort()
+    with pytest.raises(FormatError, match="on a closed writer"):
+        t2.write(arr["a.qscale"][2])
+    assert os.listdir(tmp_path) == []

@@ -147,8 +147,8 @@ class TensorSink:
         return self.entry["name"]
 
     def write(self, data: np.ndarray | bytes | bytearray | memoryview) -> None:
-        if self.closed:
-            raise FormatError(f"tensor {self.name!r}: write after its last piece")
+        if self.closed or self._w._closed:
+            raise FormatError(f"tensor {self.name!r}: write after its last piece or on a closed writer")
         buf = self._w._bytes_of(self.entry, data)
         if self.written + buf.nbytes > self.entry["nbytes"]:
             raise FormatError(
