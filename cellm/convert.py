@@ -1,12 +1,14 @@
 """Convert a source checkpoint into a ``.cellm`` file with a profile (streaming, atomic, deterministic).
 
 Tensors are processed in name order, big tensors in row chunks, by a small thread pool (numpy
-releases the GIL); results are consumed in order and streamed through :class:`CellmWriter`, so peak
+releases the GIL) that starts while the header and writer are being set up; results are consumed
+in order and streamed through :class:`CellmWriter`'s chunked API (hashing as it writes), so peak
 memory is a few chunks plus the small companion (scale/zero-point) arrays. Every output — the
 ``.cellm`` and its sidecars ``<stem>.tokenizer.json`` / ``<stem>.NOTICE`` — is written to a temp file
-in the target directory (sidecars ``.<name>.tmp-<pid>``, the ``.cellm`` CellmWriter's
-``.<name>.<random>.tmp``), fsynced and renamed into place, sidecars first; on any error the temp
-files are removed and no ``.cellm`` appears (a SIGKILL can only leave a temp file behind).
+in the target directory (sidecars ``.<name>.tmp-<pid>``, written and fsynced on a side thread
+during the quantization; the ``.cellm`` CellmWriter's ``.<name>.<random>.tmp``) and renamed into
+place, sidecars first; on any error the temp files are removed and no ``.cellm`` appears (a SIGKILL
+can only leave temp files behind, which ``cellm.pipeline.clean_stale_temp`` recognises).
 """
 
 from __future__ import annotations
