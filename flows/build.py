@@ -5,7 +5,8 @@ Three flows share one pipeline and differ only in their default profile:
 
 * ``build-int8``        → profile ``int8-v1``
 * ``build-int4``        → profile ``int4-v1``
-* ``build-mixed-int4``  → profile ``mixed-int4``
+* ``build-mixed-int4``  → profile ``mixed-int4-gemma3`` (the measured allocation of ``cellm quality``:
+  6-bit embedding, i8 down_proj, 6-bit symmetric elsewhere; one rule per family, any Gemma-3 size)
 
 Every task calls one ``cellm`` library function (mostly :mod:`cellm.pipeline` steps) and passes file
 paths and content hashes, never arrays. Outputs are content-addressed under ``work_dir`` and task
@@ -34,7 +35,7 @@ from cellm import pipeline as pl
 DEFAULT_SOURCE = "gemma-3-270m"
 DEFAULT_REGISTRY = "file://artifacts"
 DEFAULT_WORK_DIR = os.environ.get("CELLM_WORK_DIR", "work")
-PROFILES = {"build-int8": "int8-v1", "build-int4": "int4-v1", "build-mixed-int4": "mixed-int4"}
+PROFILES = {"build-int8": "int8-v1", "build-int4": "int4-v1", "build-mixed-int4": "mixed-int4-gemma3"}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

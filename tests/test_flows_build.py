@@ -128,7 +128,8 @@ def test_gate_override_file_publishes_valid_bundle(prefect_harness, tiny_ckpt, t
     s = st.result()
     assert st.is_completed() and st.name == "Completed", st.message
     assert s["status"] == "published" and s["verdict"]["passed"]
-    assert s["profile"] == "mixed-int4" and set(s["bytes_per_scheme"]) == {"f16", "q4g32"}
+    assert s["profile"] == "mixed-int4-gemma3"
+    assert set(s["bytes_per_scheme"]) == {"f16", "i8", "q6g32", "q6g32-sym"}
     pulled = open_registry(f"file://{reg}").pull(s["published"]["ref"], tmp_path / "pulled")
     cellm_files = list(Path(pulled.path).rglob("*.cellm"))
     assert len(cellm_files) == 1 and _sha(cellm_files[0]) == s["sha256"]

@@ -96,7 +96,7 @@ with get_client(sync_client=True) as c:
         runs = sorted((work / "gemma-3-270m" / "runs").glob("*.json"))
         assert len(runs) == 1
         s = json.loads(runs[0].read_text())
-        assert s["profile"] == "mixed-int4" and s["flow"] == "build-mixed-int4"
+        assert s["profile"] == "mixed-int4-gemma3" and s["flow"] == "build-mixed-int4"
         assert Path(s["plot"]).read_bytes()[:4] == b"\x89PNG"
         assert (Path(s["onnx_dir"]) / "model.onnx").is_file()
         from cellm.validate import validate
