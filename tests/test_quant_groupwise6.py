@@ -229,3 +229,24 @@ def test_validate_flags_zero_point_beyond_six_bits(tiny_ckpt, tmp_path):
     assert not report.ok
     bad = [p for p in report.problems if p.tensor == zname]
     assert bad and "200" in bad[0].message and "63" in bad[0].message and bad[0].offset == off
+
+
+def test_onnx_export_of_q6_artifact_matches_numpy_runtime(tiny_ckpt, tmp_path):
+    """6-bit embedding (GatherBlockQuantized + LM head MatMulNBits, bits=8 with u8 zero points) and
+    6-bit symmetric MLP run in onnxruntime and agree with the numpy runtime on the same artifact."""
+    from cellm.convert import convert
+    from cellm.onnx_export import export_onnx, load_ort_model
+    from cellm.runtime import load_model
+
+    prof = tmp_path / "q6.toml"
+    prof.write_text(PROFILE)
+    art = convert(str(tiny_ckpt), prof, tmp_path / "q6.cellm").path
+    out = export_onnx(art, tmp_path / "onnx", accuracy_level=1)
+    ids = np.array([2, 5, 9, 4, 7, 1, 3, 8], dtype=np.int64)
+    ort_m = load_ort_model(out)
+    got = ort_m.forward(ids, ort_m.new_state())
+    ref = load_model(art)
+    want = ref.forward(ids, ref.new_state())
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() < 1e-3
+    assert (got.argmax(-1) == want.argmax(-1)).all()

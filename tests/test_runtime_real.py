@@ -76,7 +76,8 @@ def test_logits_parity_with_transformers_on_dequantized_weights(profile, real_ar
 
 
 def test_gate_outcomes_on_the_270m(real_ckpt, real_artifacts, tmp_path):
-    """int8-v1 passes its gate; per-row int4 (int4-v1, mixed-int4-v1) fails the int4 gate.
+    """int8-v1 passes its gate; per-row int4 (int4-v1, mixed-int4-v1) fails the int4 gate; the
+    allocated mixed-int4-gemma3 passes it within the issue-7 targets.
     Shortened eval (2 windows, 8 generated tokens) to keep the suite fast; docs/QUALITY.md has the
     full-length numbers."""
     from cellm.eval import evaluate
@@ -84,9 +85,14 @@ def test_gate_outcomes_on_the_270m(real_ckpt, real_artifacts, tmp_path):
 
     kw = dict(max_tokens=2 * 511, gen_tokens=8, cache=tmp_path / "evalcache", threads=2)
     verdicts = {}
-    for profile in ("int8-v1", "int4-v1", "mixed-int4-v1"):
+    for profile in ("int8-v1", "int4-v1", "mixed-int4-v1", "mixed-int4-gemma3"):
         rep = evaluate(real_artifacts(profile), str(real_ckpt), **kw)
         verdicts[profile] = (check_gates(rep, rep.gate_class), rep.metrics)
+    # issue 7: the measured allocation (0.52x int8-v1 bytes) keeps int8-class quality
+    v, m = verdicts["mixed-int4-gemma3"]
+    assert v.gate_class == "int4" and v.passed, m
+    assert m["mean_kl"] <= 0.03 and m["top1_agreement"] >= 0.90, m
+    assert real_artifacts("mixed-int4-gemma3").stat().st_size <= 0.55 * real_artifacts("int8-v1").stat().st_size
     assert verdicts["int8-v1"][0].gate_class == "int8" and verdicts["int8-v1"][0].passed, verdicts["int8-v1"]
     for p in ("int4-v1", "mixed-int4-v1"):
         v, m = verdicts[p]
