@@ -4,10 +4,14 @@ One conversion (``int4-g32``: every projection AND the tied embedding group-wise
 quantized GatherBlockQuantized / MatMulNBits LM head path is exercised) and two exports (accuracy
 levels 1 and 4) are shared by the whole session.
 
-Greedy continuations are checked on every 4th eval prompt (7 of the 25 in cellm/data/prompts.txt)
-to keep the suite's time budget: ORT generates 64 greedy tokens, then ONE numpy forward over
-prompt + continuation must pick every one of those tokens as its argmax — by induction exactly the
-numpy runtime's own greedy continuation.
+Greedy continuations are checked on ALL the eval prompts (22 in cellm/data/prompts.txt) at level 1. ORT's
+level-1 one-token decode is slow on CPU (MLAS' fp32 path, ~5x slower than level 4) and so is the
+numpy runtime's own decode, so the continuation is proven rather than replayed: the level-4 export
+drafts a greedy continuation with one-token decode steps; ONE numpy forward and ONE level-1 ORT
+teacher-forced pass through the KV cache (prompt, then the draft as one chunk) must predict the
+same next token at every position of the draft's greedy prefix; where the draft leaves the greedy
+path (a level-4 near-tie), the common prediction is appended and the draft resumes from there. By
+induction the result is the numpy runtime's greedy continuation AND level-1 ORT's, token by token.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ pytestmark = pytest.mark.real
 
 N_LONG = 640  # > sliding_window (512): the sliding layers must drop the oldest keys
 GEN_TOKENS = 64
-PROMPT_STRIDE = 4
 
 
 @pytest.fixture(scope="session")
@@ -71,18 +74,28 @@ def test_long_input_logits_match_numpy_runtime_level1(real_onnx, long_case):
 
 
 def test_top1_agreement_level4(real_onnx, long_case):
-    """accuracy_level 4 quantizes activations to int8 per block inside MatMulNBits.
+    """accuracy_level 4 quantizes activations to int8 per block (of ``block_size``) inside MatMulNBits.
 
-    Measured on this 640-token window: ~96-97% top-1 agreement with the float32 numpy runtime (the
-    issue's 99% target is NOT reached at level 4 on Gemma-3 270M; level 1 gives 100%). The bound
-    below guards against regressions (a wrong graph gives < 50%).
+    Measured on this 640-token window (onnxruntime 1.32, AVX2): 96.4 % top-1 agreement with the float32
+    numpy runtime (23 of 640 positions differ), so the issue's 99 % is NOT reached at level 4 on Gemma-3
+    270M; level 1 gives 100 %. The int8 rounding error is spread evenly: level 4 on ONE projection family
+    only (everything else at level 1) gives 97.7-99.2 %, on ONE layer only 99.2-100 % — no per-node policy
+    reaches 99 % without giving up most of level 4's speed (docs/ONNX.md). Every disagreement is a near-tie
+    of the reference: level 4's argmax is always the reference's top-1 or top-2, and where the reference's
+    top-1 leads its top-2 by >= 0.5 logits the agreement is 100 % (410 of 640 positions). The bounds below
+    are these facts with a margin (a wrong graph gives < 50 % / far-off tokens).
     """
     from cellm.onnx_export import load_ort_model
 
     m = load_ort_model(real_onnx.l4)
-    got = m.forward(long_case.ids, m.new_state())
-    agree = float((got.argmax(-1) == long_case.logits.argmax(-1)).mean())
-    assert agree >= 0.94, agree
+    got = m.forward(long_case.ids, m.new_state()).argmax(-1)
+    ref = long_case.logits
+    agree = got == ref.argmax(-1)
+    assert agree.mean() >= 0.95, agree.mean()
+    second, first = np.partition(ref, -2, axis=-1)[:, -2:].T
+    assert (ref[np.arange(len(got)), got] >= second).mean() >= 0.995  # level 4's pick is the reference's top 1 or 2
+    clear = first - second >= 0.5
+    assert clear.sum() >= 300 and agree[clear].mean() >= 0.99, (int(clear.sum()), agree[clear].mean())
 
 
 def _ort_greedy(m, prompt: list[int], n: int, stop) -> list[int]:
@@ -104,21 +117,39 @@ def _prompts(tok) -> list[list[int]]:
     text, _ = data.read_text(None, data.DEFAULT_PROMPTS)
     prompts = data.parse_prompts(text)
     assert len(prompts) >= 20
-    return [tok.encode(p, add_bos=True) for p in prompts[::PROMPT_STRIDE]]
+    return [tok.encode(p, add_bos=True) for p in prompts]
+
+
+def _greedy_level1(ref, l1, l4, prompt: list[int], n: int, stop) -> list[int]:
+    """The greedy continuation shared by the numpy runtime and level-1 ORT (see the module docstring)."""
+    cont: list[int] = []
+    while True:
+        draft = cont + _ort_greedy(l4, prompt + cont, n - len(cont), stop)
+        seq = np.array(prompt + draft[:-1], dtype=np.int64)
+        ref_next = ref.forward(seq, ref.new_state()).argmax(-1)[len(prompt) - 1:].tolist()
+        st = l1.new_state()
+        ort_logits = [l1.forward(seq[: len(prompt)], st, last_only=True)]
+        if len(draft) > 1:
+            ort_logits.append(l1.forward(seq[len(prompt):], st))
+        ort_next = np.concatenate(ort_logits).argmax(-1).tolist()
+        k = next((j for j, (a, b) in enumerate(zip(draft, ref_next)) if a != b), len(draft))
+        upto = min(k + 1, len(draft))  # the greedy prefix and the first prediction after it
+        assert ort_next[:upto] == ref_next[:upto], (k, ort_next[:upto], ref_next[:upto])
+        if k == len(draft):
+            return draft
+        cont = draft[:k] + [ref_next[k]]
+        if cont[-1] in stop or len(cont) >= n:
+            return cont
 
 
 def test_greedy_continuations_identical_to_numpy_runtime_level1(real_onnx, long_case, tok):
     from cellm.onnx_export import load_ort_model
 
-    m = load_ort_model(real_onnx.l1)
-    stop = m.config.eos_token_ids
-    ref = long_case.ref
+    l1, l4 = load_ort_model(real_onnx.l1, spin=False), load_ort_model(real_onnx.l4, spin=False)
+    stop = l1.config.eos_token_ids
     for prompt in _prompts(tok):  # all shorter than the sliding window
-        cont = _ort_greedy(m, prompt, GEN_TOKENS, stop)
-        assert cont and (len(cont) == GEN_TOKENS or cont[-1] in stop)
-        seq = np.array(prompt + cont[:-1], dtype=np.int64)
-        ref_next = ref.forward(seq, ref.new_state()).argmax(-1)[len(prompt) - 1:]
-        assert ref_next.tolist() == cont, tok.decode(prompt)
+        cont = _greedy_level1(long_case.ref, l1, l4, prompt, GEN_TOKENS, stop)
+        assert cont and (len(cont) == GEN_TOKENS or cont[-1] in stop), tok.decode(prompt)
 
 
 def test_onnxruntime_genai_runs_the_export_unchanged(real_onnx, tok):

@@ -54,7 +54,7 @@ class OrtCausalLM:
     """A cellm ONNX export run by onnxruntime (CPU by default)."""
 
     def __init__(self, path: str | os.PathLike, threads: Optional[int] = None, *,
-                 providers: Optional[list] = None, initial_capacity: int = INITIAL_CAPACITY):
+                 providers: Optional[list] = None, initial_capacity: int = INITIAL_CAPACITY, spin: bool = True):
         import onnxruntime as ort
 
         self.path = Path(os.fspath(path))
@@ -66,6 +66,8 @@ class OrtCausalLM:
         so.intra_op_num_threads = int(threads or DEFAULT_THREADS)
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
+        if not spin:  # idle intra-op threads sleep instead of spinning (when numpy shares the cores)
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(model_file), so, providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
