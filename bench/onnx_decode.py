@@ -64,8 +64,9 @@ def build_ours(ckpt: Path, work: Path, profile: str) -> Path:
     from cellm.convert import convert
     from cellm.onnx_export import export_onnx
 
-    art = work / f"g270-{profile}.cellm"
-    out = work / f"g270-{profile}-onnx"
+    tag = Path(profile).stem if profile.endswith(".toml") else profile  # a shipped name or a profile TOML path
+    art = work / f"g270-{tag}.cellm"
+    out = work / f"g270-{tag}-onnx"
     if not art.exists():
         log(f"convert {profile}")
         convert(str(ckpt), profile, out=art)
@@ -199,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", default=None, help="HF-layout checkpoint dir (default: the embedded 270M)")
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "cellm" / "bench" / "onnx"))
-    ap.add_argument("--profiles", default="int8-v1,mixed-int4,int4-g32")
+    ap.add_argument("--profiles", default="int8-v1,mixed-int4,int4-g32",
+                    help="comma-separated shipped profile names or profile TOML paths")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = GemmaTextConfig.from_hf(json.loads((ckpt / "config.json").read_text()))
     rows: dict[str, dict] = {}
     for prof in [p for p in args.profiles.split(",") if p]:
-        rows[f"cellm {prof}"] = {"dir": build_ours(ckpt, work, prof), "ours": True}
+        rows[f"cellm {Path(prof).stem if prof.endswith('.toml') else prof}"] = {"dir": build_ours(ckpt, work, prof), "ours": True}
     if not args.no_builder:
         rows["builder int4 (-p int4 -e cpu)"] = {"dir": build_builder(ckpt, work), "ours": False}
     for r in rows.values():
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             r.update(corpus_kl(GenaiLM(r["dir"], cfg), ckpt, tok, args.kl_windows, args.threads))
 
     base = rows.get("builder int4 (-p int4 -e cpu)")
-    lines = ["| export | MB on disk | prefill ms (7 tok) | decode tok/s (genai) | vs builder | decode tok/s (cellm engine) "
+    lines = [f"| export | MB on disk | prefill ms ({len(prompt)} tok) | decode tok/s (genai) | vs builder | decode tok/s (cellm engine) "
              "| mean KL | top-1 | ppl ratio |", "|---|---|---|---|---|---|---|---|---|"]
     result = {}
     for k, r in rows.items():
