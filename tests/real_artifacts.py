@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-PROFILES = ("int8-v1", "mixed-int4-v1", "int4-v1", "mixed-int4", "f16")
+PROFILES = ("int8-v1", "mixed-int4-v1", "int4-v1", "mixed-int4", "f16", "mixed-int4-gemma3", "mixed-int4-gemma3-270m")
 _lock = threading.Lock()
 _done: dict[tuple[str, str], Path] = {}
 _root: list[Path] = []

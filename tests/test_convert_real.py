@@ -12,7 +12,8 @@ from cellm.validate import validate
 MB = 1_000_000
 # expected sizes (notes: int8-v1 ~436 MB, mixed-int4-v1 ~430 MB, int4-v1 ~134 MB) +- 2%
 SIZES = {"int8-v1": 436 * MB, "mixed-int4-v1": 430 * MB, "int4-v1": 134.9 * MB,
-         "mixed-int4": 435.6 * MB, "f16": 536.2 * MB}
+         "mixed-int4": 435.6 * MB, "f16": 536.2 * MB,
+         "mixed-int4-gemma3": 227.6 * MB, "mixed-int4-gemma3-270m": 239.7 * MB}
 
 
 @pytest.mark.real

@@ -113,6 +113,20 @@ def test_error_bound_property(n, k, scale, sym):
     assert (np.abs(dq - w).max(axis=1) <= sc.error_bound(w)).all()
 
 
+def test_symmetric_bound_covers_f16_scale_rounding_down():
+    """a/-32 that rounds DOWN in f16 makes the +31 clip on the other side exceed |s16| (found on the
+    270M's v_proj): the bound must hold there too."""
+    x = np.float32(32.0 * (1.0 + 2.0**-11 - 2.0**-20))  # x/32 rounds down to 1.0 in f16
+    w = np.zeros((1, 32), np.float32)
+    w[0, 0], w[0, 1] = -x, x
+    sc = get_scheme("q6g32-sym")
+    parts = sc.quantize(w)
+    assert float(parts[".qscale"][0, 0]) == 1.0  # rounded down
+    err = np.abs(sc.dequantize(parts, w.shape) - w).max()
+    assert err > 1.0 + 2.0**-8  # what the first bound claimed
+    assert err <= sc.error_bound(w)[0]
+
+
 def test_six_bits_beat_four_bits():
     w = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
     e4 = np.abs(get_scheme("q4g32").dequantize(get_scheme("q4g32").quantize(w), w.shape) - w).mean()

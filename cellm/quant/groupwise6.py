@@ -26,8 +26,9 @@ RTN quantizers, the 6-bit analogues of ``cellm.quant.groupwise``:
 * symmetric: ``a`` = the block value of largest magnitude (signed), ``scale = a / -32`` (``a`` maps
   to -32 exactly), ``q = clip(rint(w/s16), -32, 31) + 32``.
 * an all-zero block stores scale 1.0 (zp 32 when asymmetric).
-Error bound per block: asymmetric ``s16/2``; symmetric ``|s16|`` (the side opposite the largest
-magnitude clips at +31), plus float32 rounding slack. Rows are independent (row slices quantize to
+Error bound per block: asymmetric ``s16/2``; symmetric ``|s16|·(1 + 2⁻⁶)`` (the side opposite the
+largest magnitude clips at +31, and f16 rounding of the scale may shrink it by 2⁻¹¹ relative), plus
+float32 rounding slack. Rows are independent (row slices quantize to
 identical bytes).
 """
 
@@ -167,8 +168,14 @@ class Groupwise6Scheme:
             x[:, :k] = w[sl]
             b = x.reshape(m, nb, self.block)
             s16, _ = _params(b, self.symmetric, self.name)
-            s = np.abs(s16.astype(np.float32)) * np.float32(1.0 if self.symmetric else 0.5)
+            s = np.abs(s16.astype(np.float32))
+            if self.symmetric:
+                # the side opposite `a` clips at +31: |a| <= 32*|s16|*(1 + 2^-11) (f16 rounding of the
+                # scale), so the error there is at most |s16|*(1 + 32*2^-11) = |s16|*(1 + 2^-6)
+                s = s * np.float32(1.0 + 2.0**-6 + 2.0**-10)
+            else:  # scale rounded up: every value within half a step
+                s = s * np.float32(0.5 * (1.0 + 2.0**-8))
             amax = np.abs(b).max(axis=2)
-            per_block = s * np.float32(1.0 + 2.0**-8) + amax * np.float32(2.0**-20) + np.float32(2.0**-22)
+            per_block = s + amax * np.float32(2.0**-20) + np.float32(2.0**-22)
             out[sl] = per_block.max(axis=1)
         return out
