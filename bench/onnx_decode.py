@@ -1,6 +1,7 @@
 """ONNX exports of the real Gemma-3 270M side by side with onnxruntime-genai's builder int4 export.
 
-For each of our exports (profiles int8-v1, mixed-int4, int4-g32 by default, accuracy_level 4) and
+For each of our exports (profiles int8-v1, mixed-int4, mixed-int4-gemma3, int4-g32, int4-g32-gptq-sym,
+int4-g64-gptq-sym by default, accuracy_level 4) and
 the builder's ``-p int4 -e cpu`` export of the same checkpoint, in ONE run:
 
 * bytes on disk (model.onnx + external data; tokenizer files excluded),
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", default=None, help="HF-layout checkpoint dir (default: the embedded 270M)")
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "cellm" / "bench" / "onnx"))
-    ap.add_argument("--profiles", default="int8-v1,mixed-int4,int4-g32",
+    ap.add_argument("--profiles", default="int8-v1,mixed-int4,mixed-int4-gemma3,int4-g32,int4-g32-gptq-sym,int4-g64-gptq-sym",
                     help="comma-separated shipped profile names or profile TOML paths")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode-tokens", type=int, default=64)

@@ -52,20 +52,30 @@ def _scale_zero(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return s, zp
 
 
+def _scale_sym(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric grid: ``a`` (the signed largest-magnitude value, shrunk) maps to code -8 (zp 8)."""
+    s = (a / np.float32(-8.0)).astype(np.float16).astype(np.float32)
+    s[s == 0] = np.float32(1.0)
+    return s, np.full(s.shape, 8.0, dtype=np.float32)
+
+
 def clip_search_block(xb: np.ndarray, wt: np.ndarray | None, alphas=ALPHAS,
-                      refit: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                      refit: bool = True, symmetric: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Best f16 scale (float32 values) and zero point for blocks ``xb`` [R, nb, B].
 
-    ``wt`` (broadcastable to ``xb``) weights the squared error; None = unweighted.
+    ``wt`` (broadcastable to ``xb``) weights the squared error; None = unweighted. ``symmetric``:
+    the zero point is fixed at 8 and the range is ``a*[-8, 7]/-8`` for the signed largest-magnitude
+    value ``a`` (the ``q4gB-sym`` grid, onnxruntime's fast symmetric kernels), shrunk by each alpha.
     """
     mn = np.minimum(xb.min(axis=2), np.float32(0.0))
     mx = np.maximum(xb.max(axis=2), np.float32(0.0))
+    amax = np.where(np.abs(mx) > np.abs(mn), mx, mn) if symmetric else None
     best_err = np.full(mn.shape, np.inf, dtype=np.float32)
     best_s = np.ones(mn.shape, dtype=np.float32)
     best_z = np.full(mn.shape, 8.0, dtype=np.float32)
     for a in alphas:
         a = np.float32(a)
-        s, zp = _scale_zero(mn * a, mx * a)
+        s, zp = _scale_sym(amax * a) if symmetric else _scale_zero(mn * a, mx * a)
         q = _codes(xb, s, zp)
         q -= zp[..., None]
         q *= s[..., None]
@@ -88,7 +98,7 @@ def clip_search_block(xb: np.ndarray, wt: np.ndarray | None, alphas=ALPHAS,
     with np.errstate(divide="ignore", invalid="ignore"):
         s_ls = np.where(den > 0, num / den, best_s)
     s_ls = s_ls.astype(np.float16).astype(np.float32)
-    ok = np.isfinite(s_ls) & (s_ls > 0)
+    ok = np.isfinite(s_ls) & ((s_ls != 0) if symmetric else (s_ls > 0))
     s_ls = np.where(ok, s_ls, best_s)
     r = _codes(xb, s_ls, best_z)
     r -= best_z[..., None]

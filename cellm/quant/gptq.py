@@ -57,8 +57,9 @@ def _inverse_cholesky_upper(h: np.ndarray, damp: float) -> np.ndarray:
 
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, block: int, damp: float = DEFAULT_DAMP,
-                  clip: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """GPTQ sweep. Returns uint8 codes [N, nb*B], f16 scales [N, nb], uint8 zero points [N, nb]."""
+                  clip: bool = True, symmetric: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GPTQ sweep. Returns uint8 codes [N, nb*B], f16 scales [N, nb], uint8 zero points [N, nb]
+    (all 8 when ``symmetric``: the ``q4gB-sym`` grid, whose storage omits the zero points)."""
     if block not in GROUP_SIZES:
         raise QuantizationError(f"block size {block} unsupported; supported: {list(GROUP_SIZES)}")
     w = as_f32_2d(w, f"q4g{block}-gptq")
@@ -88,11 +89,11 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, block: int, damp: float = 
         r1 = min(n, r0 + rows)
         wk = np.zeros((r1 - r0, kp), dtype=np.float32)
         wk[:, :k] = w[r0:r1]
-        _sweep(wk, u, diag_h, block, clip, codes[r0:r1], scales[r0:r1], zeros[r0:r1])
+        _sweep(wk, u, diag_h, block, clip, codes[r0:r1], scales[r0:r1], zeros[r0:r1], symmetric)
     return codes, scales.astype(np.float16), zeros.astype(np.uint8)
 
 
-def _sweep(wk, u, diag_h, block, clip, codes, scales, zeros) -> None:
+def _sweep(wk, u, diag_h, block, clip, codes, scales, zeros, symmetric=False) -> None:
     """One row slice: wk [R, kp] float32 (modified), outputs written into the given views."""
     kp = wk.shape[1]
     alphas = GPTQ_ALPHAS if clip else (1.0,)
@@ -109,7 +110,8 @@ def _sweep(wk, u, diag_h, block, clip, codes, scales, zeros) -> None:
                 # group parameters from the current (error-updated) weights of this group
                 seg = w1[i:i + block].T  # _LAZY is a multiple of every block size
                 wt = diag_h[col:col + block][None, None, :]
-                sg, zg = clip_search_block(np.ascontiguousarray(seg)[:, None, :], wt, alphas, refit=clip)
+                sg, zg = clip_search_block(np.ascontiguousarray(seg)[:, None, :], wt, alphas, refit=clip,
+                                           symmetric=symmetric)
                 scales[:, g] = sg[:, 0]
                 zeros[:, g] = zg[:, 0]
                 s = scales[:, g].copy()
@@ -131,9 +133,10 @@ def _sweep(wk, u, diag_h, block, clip, codes, scales, zeros) -> None:
             wt_all[c1:] -= u[c0:c1, c1:].T @ err1
 
 
-def quantize_gptq(w: np.ndarray, hessian: np.ndarray, block: int, damp: float = DEFAULT_DAMP) -> dict[str, np.ndarray]:
-    codes, scales, zeros = gptq_quantize(w, hessian, block, damp)
-    return pack_groupwise(codes, scales, zeros, block)
+def quantize_gptq(w: np.ndarray, hessian: np.ndarray, block: int, damp: float = DEFAULT_DAMP,
+                  symmetric: bool = False) -> dict[str, np.ndarray]:
+    codes, scales, zeros = gptq_quantize(w, hessian, block, damp, symmetric=symmetric)
+    return pack_groupwise(codes, scales, None if symmetric else zeros, block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,9 +149,10 @@ class GptqScheme:
     dtype: str
     block: int
     needs_calibration: bool = True
+    symmetric: bool = False  # ``q4gB-gptq-sym``: no zero points (onnxruntime's fast symmetric kernels)
 
     def specs(self, tensor_name: str, shape: tuple[int, ...]) -> list[TensorSpec]:
-        return GroupwiseScheme(self.dtype, self.dtype, self.block, symmetric=False).specs(tensor_name, shape)
+        return GroupwiseScheme(self.dtype, self.dtype, self.block, symmetric=self.symmetric).specs(tensor_name, shape)
 
     def quantize(self, w: np.ndarray, hessian: np.ndarray | None = None, **_: object) -> dict[str, np.ndarray]:
         if hessian is None:
@@ -157,7 +161,7 @@ class GptqScheme:
                 f"H = X^T X / n of the tensor's input (cellm.quality.calibration), or use "
                 f"cellm.quality.build which passes them"
             )
-        return quantize_gptq(w, hessian, self.block)
+        return quantize_gptq(w, hessian, self.block, symmetric=self.symmetric)
 
     def dequantize(self, parts: dict[str, np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
         return dequantize_groupwise(parts, shape, self.block)

@@ -112,3 +112,4 @@ from cellm.quant.gptq import GptqScheme  # noqa: E402
 for _b in GROUP_SIZES:
     register_scheme(ClipScheme(f"q4g{_b}-clip", f"q4g{_b}", _b))
     register_scheme(GptqScheme(f"q4g{_b}-gptq", f"q4g{_b}", _b))
+    register_scheme(GptqScheme(f"q4g{_b}-gptq-sym", f"q4g{_b}", _b, symmetric=True))
