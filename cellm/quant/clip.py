@@ -22,11 +22,12 @@ import dataclasses
 import numpy as np
 
 from cellm.errors import QuantizationError
-from cellm.format.constants import GROUP_SIZES, TensorSpec
-from cellm.quant.common import as_f32_2d, raise_nonfinite, row_chunks
+from cellm.format.constants import TensorSpec
+from cellm.quant.common import as_f32_2d, row_chunks
 from cellm.quant.groupwise import (
     GroupwiseScheme,
     blocked,
+    checked_weight,
     dequantize_groupwise,
     n_blocks,
     pack_groupwise,
@@ -59,6 +60,18 @@ def _scale_sym(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return s, np.full(s.shape, 8.0, dtype=np.float32)
 
 
+def _block_error(xb: np.ndarray, s: np.ndarray, zp: np.ndarray, wt: np.ndarray | None) -> np.ndarray:
+    """(Weighted) squared reconstruction error per block of ``xb`` [R, nb, B] with scales/zero points [R, nb]."""
+    q = _codes(xb, s, zp)
+    q -= zp[..., None]
+    q *= s[..., None]
+    q -= xb
+    np.square(q, out=q)
+    if wt is not None:
+        q *= wt
+    return q.sum(axis=2, dtype=np.float32)
+
+
 def clip_search_block(xb: np.ndarray, wt: np.ndarray | None, alphas=ALPHAS,
                       refit: bool = True, symmetric: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Best f16 scale (float32 values) and zero point for blocks ``xb`` [R, nb, B].
@@ -76,14 +89,7 @@ def clip_search_block(xb: np.ndarray, wt: np.ndarray | None, alphas=ALPHAS,
     for a in alphas:
         a = np.float32(a)
         s, zp = _scale_sym(amax * a) if symmetric else _scale_zero(mn * a, mx * a)
-        q = _codes(xb, s, zp)
-        q -= zp[..., None]
-        q *= s[..., None]
-        q -= xb
-        np.square(q, out=q)
-        if wt is not None:
-            q *= wt
-        err = q.sum(axis=2, dtype=np.float32)
+        err = _block_error(xb, s, zp, wt)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_s = np.where(better, s, best_s)
@@ -100,16 +106,8 @@ def clip_search_block(xb: np.ndarray, wt: np.ndarray | None, alphas=ALPHAS,
     s_ls = s_ls.astype(np.float16).astype(np.float32)
     ok = np.isfinite(s_ls) & ((s_ls != 0) if symmetric else (s_ls > 0))
     s_ls = np.where(ok, s_ls, best_s)
-    r = _codes(xb, s_ls, best_z)
-    r -= best_z[..., None]
-    r *= s_ls[..., None]
-    r -= xb
-    np.square(r, out=r)
-    if wt is not None:
-        r *= wt
-    err_ls = r.sum(axis=2, dtype=np.float32)
-    use = err_ls < best_err
-    return np.where(use, s_ls, best_s), np.where(use, best_z, best_z)
+    use = _block_error(xb, s_ls, best_z, wt) < best_err
+    return np.where(use, s_ls, best_s), best_z
 
 
 def _importance_weights(importance: np.ndarray | None, k: int, nb: int, block: int) -> np.ndarray | None:
@@ -134,12 +132,8 @@ def _clip(w: np.ndarray, block: int, importance: np.ndarray | None, alphas,
           with_codes: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """One pass over row chunks of ``w``: searched f16 scales, uint8 zero points [N, nb] and, with
     ``with_codes``, the uint8 codes [N, nb*B] (each chunk blocked once for both)."""
-    if block not in GROUP_SIZES:
-        raise QuantizationError(f"block size {block} unsupported; supported: {list(GROUP_SIZES)}")
-    w = as_f32_2d(w, f"q4g{block}-clip")
+    w = checked_weight(w, block, f"q4g{block}-clip")
     n, k = w.shape
-    if not np.isfinite(w).all():
-        raise_nonfinite(w, f"q4g{block}-clip")
     nb = n_blocks(k, block)
     wt = _importance_weights(importance, k, nb, block)
     scales = np.empty((n, nb), dtype=np.float16)

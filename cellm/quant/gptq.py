@@ -25,10 +25,10 @@ import dataclasses
 import numpy as np
 
 from cellm.errors import QuantizationError
-from cellm.format.constants import GROUP_SIZES, TensorSpec
+from cellm.format.constants import TensorSpec
 from cellm.quant.clip import clip_search_block
-from cellm.quant.common import as_f32_2d, raise_nonfinite
-from cellm.quant.groupwise import GroupwiseScheme, dequantize_groupwise, n_blocks, pack_groupwise
+from cellm.quant.common import as_f32_2d
+from cellm.quant.groupwise import GroupwiseScheme, checked_weight, dequantize_groupwise, n_blocks, pack_groupwise
 
 DEFAULT_DAMP = 0.01
 # range shrink factors searched per group inside the sweep (a coarse grid: measured on Gemma-3 270M
@@ -60,12 +60,8 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, block: int, damp: float = 
                   clip: bool = True, symmetric: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ sweep. Returns uint8 codes [N, nb*B], f16 scales [N, nb], uint8 zero points [N, nb]
     (all 8 when ``symmetric``: the ``q4gB-sym`` grid, whose storage omits the zero points)."""
-    if block not in GROUP_SIZES:
-        raise QuantizationError(f"block size {block} unsupported; supported: {list(GROUP_SIZES)}")
-    w = as_f32_2d(w, f"q4g{block}-gptq")
+    w = checked_weight(w, block, f"q4g{block}-gptq")
     n, k = w.shape
-    if not np.isfinite(w).all():
-        raise_nonfinite(w, f"q4g{block}-gptq")
     h = np.asarray(hessian)
     if h.shape != (k, k):
         raise QuantizationError(f"GPTQ: Hessian shape {list(h.shape)} does not match K={k} of weight {list(w.shape)}")

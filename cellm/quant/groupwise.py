@@ -32,7 +32,15 @@ import dataclasses
 import numpy as np
 
 from cellm.errors import QuantizationError
-from cellm.format.constants import GROUP_SIZES, SCALE_SUFFIX, ZERO_SUFFIX, TensorSpec, make_spec
+from cellm.format.constants import (
+    DTYPES,
+    GROUP_SIZES,
+    SCALE_SUFFIX,
+    ZERO_DTYPE,
+    ZERO_SUFFIX,
+    TensorSpec,
+    make_spec,
+)
 from cellm.quant.bitpack import pack_nibbles, unpack_nibbles
 from cellm.quant.common import as_f32_2d, chunk_rows, f16_scales, raise_nonfinite, row_chunks
 
@@ -44,9 +52,18 @@ def n_blocks(k: int, block: int) -> int:
     return (k + block - 1) // block
 
 
-def _check_block(block: int) -> None:
+def check_block(block: int) -> None:
     if block not in GROUP_SIZES:
         raise QuantizationError(f"block size {block} unsupported; supported: {list(GROUP_SIZES)}")
+
+
+def checked_weight(w: np.ndarray, block: int, scheme: str) -> np.ndarray:
+    """A supported block size and a finite 2-D weight as float32 (QuantizationError naming ``scheme``)."""
+    check_block(block)
+    w = as_f32_2d(w, scheme)
+    if not np.isfinite(w).all():
+        raise_nonfinite(w, scheme)
+    return w
 
 
 def blocked(w: np.ndarray, block: int) -> np.ndarray:
@@ -95,7 +112,7 @@ def pack_groupwise(codes: np.ndarray, scales: np.ndarray, zero: np.ndarray | Non
     Codes beyond K (when given [N, K] with K % B != 0) are padded with the block's zero point (8 when
     symmetric), so padding dequantizes to exactly 0.
     """
-    _check_block(block)
+    check_block(block)
     codes = np.asarray(codes, dtype=np.uint8)
     n = codes.shape[0]
     nb = np.asarray(scales).shape[1]
@@ -127,7 +144,7 @@ def quantize_groupwise(w: np.ndarray, block: int, symmetric: bool, scale: np.nda
     other scale choosers reuse the exact code assignment ``q = clip(rint(w/s16 + zp), 0, 15)``.
     Works on row chunks with reused cache-sized buffers (one read of ``w``).
     """
-    _check_block(block)
+    check_block(block)
     name = scheme or f"q4g{block}{'-sym' if symmetric else ''}"
     w = as_f32_2d(w, name)
     n, k = w.shape
@@ -219,6 +236,19 @@ def dequantize_groupwise(parts: dict[str, np.ndarray], shape: tuple[int, ...], b
     return np.ascontiguousarray(q.reshape(n, nb * block)[:, :k])
 
 
+def groupwise_specs(scheme: str, dtype: str, block: int, symmetric: bool, tensor_name: str,
+                    shape: tuple[int, ...]) -> list[TensorSpec]:
+    """Main tensor + ``.qscale`` (f16 [N, nb]) + ``.qzero`` ([N, nb], ``u4`` for q4gB / ``u8`` for
+    q6gB; asymmetric only) of any group-wise dtype."""
+    if len(shape) != 2:
+        raise QuantizationError(f"scheme {scheme}: tensor {tensor_name!r} must be 2-D, got shape {list(shape)}")
+    nb = n_blocks(shape[1], block)
+    out = [make_spec(tensor_name, dtype, shape), make_spec(tensor_name + SCALE_SUFFIX, "f16", (shape[0], nb))]
+    if not symmetric:
+        out.append(make_spec(tensor_name + ZERO_SUFFIX, ZERO_DTYPE[DTYPES[dtype].bits], (shape[0], nb)))
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupwiseScheme:
     name: str
@@ -227,18 +257,7 @@ class GroupwiseScheme:
     symmetric: bool
 
     def specs(self, tensor_name: str, shape: tuple[int, ...]) -> list[TensorSpec]:
-        if len(shape) != 2:
-            raise QuantizationError(
-                f"scheme {self.name}: tensor {tensor_name!r} must be 2-D, got shape {list(shape)}"
-            )
-        nb = n_blocks(shape[1], self.block)
-        out = [
-            make_spec(tensor_name, self.dtype, shape),
-            make_spec(tensor_name + SCALE_SUFFIX, "f16", (shape[0], nb)),
-        ]
-        if not self.symmetric:
-            out.append(make_spec(tensor_name + ZERO_SUFFIX, "u4", (shape[0], nb)))
-        return out
+        return groupwise_specs(self.name, self.dtype, self.block, self.symmetric, tensor_name, shape)
 
     def quantize(self, w: np.ndarray) -> dict[str, np.ndarray]:
         return quantize_groupwise(w, self.block, self.symmetric, scheme=self.name)

@@ -39,22 +39,14 @@ import dataclasses
 import numpy as np
 
 from cellm.errors import QuantizationError
-from cellm.format.constants import GROUP_SIZES, SCALE_SUFFIX, ZERO_SUFFIX, TensorSpec, make_spec
+from cellm.format.constants import SCALE_SUFFIX, ZERO_SUFFIX, TensorSpec
 from cellm.quant.bitpack import pack_sextets, unpack_sextets
 from cellm.quant.common import as_f32_2d, f16_scales, raise_nonfinite, row_chunks
+from cellm.quant.groupwise import check_block, groupwise_specs, n_blocks
 
 QMAX = 63
 SYM_ZERO = 32
 ROW_CHUNK = 1 << 18  # elements per row chunk (bounded temporaries on the 168M-element embedding)
-
-
-def n_blocks(k: int, block: int) -> int:
-    return (k + block - 1) // block
-
-
-def _check_block(block: int) -> None:
-    if block not in GROUP_SIZES:
-        raise QuantizationError(f"block size {block} unsupported; supported: {list(GROUP_SIZES)}")
 
 
 def _params(b: np.ndarray, symmetric: bool, scheme: str) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +72,7 @@ def _params(b: np.ndarray, symmetric: bool, scheme: str) -> tuple[np.ndarray, np
 
 def quantize_q6(w: np.ndarray, block: int, symmetric: bool, scheme: str | None = None) -> dict[str, np.ndarray]:
     """Quantize [N, K] (RTN) to the ``q6gB`` storage parts ``{"", ".qscale"[, ".qzero"]}``."""
-    _check_block(block)
+    check_block(block)
     name = scheme or f"q6g{block}{'-sym' if symmetric else ''}"
     w = as_f32_2d(w, name)
     n, k = w.shape
@@ -137,18 +129,7 @@ class Groupwise6Scheme:
     symmetric: bool
 
     def specs(self, tensor_name: str, shape: tuple[int, ...]) -> list[TensorSpec]:
-        if len(shape) != 2:
-            raise QuantizationError(
-                f"scheme {self.name}: tensor {tensor_name!r} must be 2-D, got shape {list(shape)}"
-            )
-        nb = n_blocks(shape[1], self.block)
-        out = [
-            make_spec(tensor_name, self.dtype, shape),
-            make_spec(tensor_name + SCALE_SUFFIX, "f16", (shape[0], nb)),
-        ]
-        if not self.symmetric:
-            out.append(make_spec(tensor_name + ZERO_SUFFIX, "u8", (shape[0], nb)))
-        return out
+        return groupwise_specs(self.name, self.dtype, self.block, self.symmetric, tensor_name, shape)
 
     def quantize(self, w: np.ndarray) -> dict[str, np.ndarray]:
         return quantize_q6(w, self.block, self.symmetric, scheme=self.name)
