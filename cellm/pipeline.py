@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -382,12 +381,8 @@ def evaluate_step(cellm_path: str, spec: str, revision: str | None, directory: s
     """Evaluate the artifact against the f32 source; the JSON/markdown reports go to
     ``<dir>/eval-<key>.{json,md}`` and are reused when the same artifact/settings were evaluated."""
     from cellm.eval import evaluate
-    from cellm.eval.evaluate import write_json, write_markdown
 
-    settings = dict(settings or {})
-    key = eval_key(cellm_sha256, source_hash, settings)
-    d = Path(directory)
-    step = f"eval-{key}"
+    settings, key, d, step = _eval_slot(cellm_sha256, source_hash, settings, directory)
     with key_lock(d):
         clean_stale_temp(d)
         rec = load_record(d, step, verify=("report",))
@@ -396,14 +391,30 @@ def evaluate_step(cellm_path: str, spec: str, revision: str | None, directory: s
         t0 = time.perf_counter()
         ref = open_checked(spec, revision, source_hash)
         rep = evaluate(cellm_path, ref, threads=threads, **settings)  # plan → shards → merge, in process
-        jpath, mpath = d / f"{step}.report.json", d / f"{step}.report.md"
-        write_json(rep, jpath)
-        write_markdown(rep, mpath)
-        rec = {"key": key, "report": str(jpath), "report_sha256": file_sha256(jpath), "markdown": str(mpath),
-               "metrics": {k: v for k, v in rep.metrics.items()}, "settings": settings,
-               "seconds": time.perf_counter() - t0}
-        write_record(d, step, rec)
+        rec = _write_eval_record(d, step, key, rep, settings, seconds=time.perf_counter() - t0)
     return {**rec, "reused": False}
+
+
+def _eval_slot(cellm_sha256: str, source_hash: str, settings: dict[str, Any] | None,
+               directory: str | os.PathLike) -> tuple[dict[str, Any], str, Path, str]:
+    """(settings, content key, key directory, step name) of one evaluation."""
+    settings = dict(settings or {})
+    key = eval_key(cellm_sha256, source_hash, settings)
+    return settings, key, Path(directory), f"eval-{key}"
+
+
+def _write_eval_record(d: Path, step: str, key: str, rep: Any, settings: dict[str, Any],
+                       **extra: Any) -> dict[str, Any]:
+    """The JSON + markdown reports of an evaluation and its step record (call under the key lock)."""
+    from cellm.eval.evaluate import write_json, write_markdown
+
+    jpath, mpath = d / f"{step}.report.json", d / f"{step}.report.md"
+    write_json(rep, jpath)
+    write_markdown(rep, mpath)
+    rec = {"key": key, "report": str(jpath), "report_sha256": file_sha256(jpath), "markdown": str(mpath),
+           "metrics": dict(rep.metrics), "settings": settings, **extra}
+    write_record(d, step, rec)
+    return rec
 
 
 def _eval_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
@@ -417,10 +428,7 @@ def eval_plan_step(cellm_path: str, spec: str, revision: str | None, directory: 
     the plan (``<dir>/eval-<key>.plan.json``; the reference side computed once into its cache)."""
     from cellm.eval.shards import plan_eval_shards
 
-    settings = dict(settings or {})
-    key = eval_key(cellm_sha256, source_hash, settings)
-    d = Path(directory)
-    step = f"eval-{key}"
+    settings, key, d, step = _eval_slot(cellm_sha256, source_hash, settings, directory)
     with key_lock(d):
         clean_stale_temp(d)
         rec = load_record(d, step, verify=("report",))
@@ -457,13 +465,9 @@ def eval_merge_step(plan_path: str, shard_files: list[str], spec: str, revision:
                     settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Sharded evaluation, step 3: merge the shards into the same reports and record as
     :func:`evaluate_step` writes (same numbers); the plan and shard files are removed."""
-    from cellm.eval.evaluate import write_json, write_markdown
     from cellm.eval.shards import EvalPlan, merge_eval_shards
 
-    settings = dict(settings or {})
-    key = eval_key(cellm_sha256, source_hash, settings)
-    d = Path(directory)
-    step = f"eval-{key}"
+    settings, key, d, step = _eval_slot(cellm_sha256, source_hash, settings, directory)
     if Path(plan_path).name != f"{step}.plan.json":
         raise PipelineError(f"eval plan {plan_path} does not belong to evaluation {step} (artifact/settings changed)")
     with key_lock(d):
@@ -474,13 +478,9 @@ def eval_merge_step(plan_path: str, shard_files: list[str], spec: str, revision:
         ref = open_checked(spec, revision, source_hash)
         plan = EvalPlan.load(plan_path)
         rep = merge_eval_shards(plan, shard_files, ref)
-        jpath, mpath = d / f"{step}.report.json", d / f"{step}.report.md"
-        write_json(rep, jpath)
-        write_markdown(rep, mpath)
-        rec = {"key": key, "report": str(jpath), "report_sha256": file_sha256(jpath), "markdown": str(mpath),
-               "metrics": {k: v for k, v in rep.metrics.items()}, "settings": settings, "shards": len(plan.shards),
-               "seconds": plan.reference_seconds + rep.settings["candidate_seconds"] + time.perf_counter() - t0}
-        write_record(d, step, rec)
+        rec = _write_eval_record(
+            d, step, key, rep, settings, shards=len(plan.shards),
+            seconds=plan.reference_seconds + rep.settings["candidate_seconds"] + time.perf_counter() - t0)
         for f in [*shard_files, plan_path]:
             Path(f).unlink(missing_ok=True)
     return {**rec, "reused": False}
@@ -588,16 +588,9 @@ def quantize_shard(spec: str, revision: str | None, profile: str, names: list[st
         for suf, arr in cv._process(ck, entry, rows).items():
             parts.setdefault(entry.name + suf, []).append(arr)
     arrays = {k: (v[0] if len(v) == 1 else np.concatenate(v, axis=0)) for k, v in parts.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{_npz_key(k): a for k, a in arrays.items()})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from cellm.atomic import atomic_write
+
+    atomic_write(out, lambda f: np.savez(f, **{_npz_key(k): a for k, a in arrays.items()}))
     return {"path": str(out), "sha256": file_sha256(out), "tensors": len(want), "reused": False}
 
 
