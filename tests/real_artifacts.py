@@ -8,12 +8,14 @@ Use from any test module::
     def test_something(real_cellm):
         path = real_cellm["mixed-int4-v1"]          # converted lazily, cached for the session
 
-or call ``real_cellm_path(real_ckpt, profile)`` directly. Files live in one session temp dir;
+or call ``real_cellm_path(real_ckpt, profile)`` directly. Files live in one session temp dir (removed at exit);
 each profile is converted at most once per session (thread-safe), sidecars next to them.
 """
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -29,6 +31,7 @@ _root: list[Path] = []
 def _session_dir() -> Path:
     if not _root:
         _root.append(Path(tempfile.mkdtemp(prefix="cellm-real-artifacts-")))
+        atexit.register(shutil.rmtree, _root[0], ignore_errors=True)  # ~2 GB per session: never left behind
     return _root[0]
 
 
