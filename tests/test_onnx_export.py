@@ -306,3 +306,54 @@ def test_context_length_limits_the_engine(exports, tmp_path):
         m.forward(np.array([5]), st)
     with pytest.raises(ExportError, match="context_length"):
         export_onnx(art, tmp_path / "ctx2", context_length=10**6)
+
+
+SPLIT_PROFILE = (  # q / k,v / gate / up in layouts that cannot be packed: shared and separate splits
+    'name = "split"\ndescription = "test"\ngate_class = "int4"\n'
+    "[[rules]]\npattern = '.*q_proj\\.weight'\nscheme = \"i8\"\n"
+    "[[rules]]\npattern = '.*[kv]_proj\\.weight'\nscheme = \"q4g32\"\n"
+    "[[rules]]\npattern = '.*gate_proj\\.weight'\nscheme = \"q4g32\"\n"
+    "[[rules]]\npattern = '.*up_proj\\.weight'\nscheme = \"i4\"\n"
+    "[[rules]]\npattern = '.*down_proj\\.weight'\nscheme = \"q4g64\"\n"  # K=160: a padded last block
+    "[[rules]]\npattern = '.*o_proj\\.weight'\nscheme = \"q4g32-sym\"\n"
+    "[[rules]]\npattern = '.*embed_tokens\\.weight'\nscheme = \"q4g32\"\n"
+    "[[rules]]\npattern = '.*'\nscheme = \"f16\"\n"
+)
+
+
+@pytest.mark.parametrize("profile", ["int8-v1", "int4-g64", "split"])
+def test_int8_residual_gives_level1_accuracy_at_level4(tmp_path, profile):
+    """Level 4 + int8_residual: every MatMulNBits still runs at level 4 (int8 kernels) on [hi; lo] rows,
+    and the logits come within float rounding of level 1 — an order of magnitude closer than plain level 4."""
+    if profile == "split":
+        (tmp_path / "split.toml").write_text(SPLIT_PROFILE)
+        profile = str(tmp_path / "split.toml")
+    ck = make_checkpoint(tmp_path / "ck", tiny_config(), seed=11)
+    art = convert(str(ck), profile, out=tmp_path / "m.cellm").path
+    outs = {name: export_onnx(art, tmp_path / name, accuracy_level=lvl, int8_residual=res)
+            for name, lvl, res in (("l1", 1, False), ("l4", 4, False), ("l4r", 4, True))}
+    ids = np.random.default_rng(12).integers(0, 512, size=21)
+    lg = {}
+    for name, out in outs.items():
+        m = load_ort_model(out)
+        lg[name] = _chunked(m, ids, [9, 10])  # prefill, one-token decode, rest
+    plain, residual = np.abs(lg["l4"] - lg["l1"]).max(), np.abs(lg["l4r"] - lg["l1"]).max()
+    assert residual < 2e-3 and residual * 20 < plain, (residual, plain)
+
+    model = onnx.load(str(outs["l4r"] / "model.onnx"), load_external_data=False)
+    mm = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert mm and all(a.i == 4 for n in mm for a in n.attribute if a.name == "accuracy_level")
+    assert all("/int8_residual/" in n.input[0] for n in mm)  # every one fed by a split
+    splits = {n.input[0] for n in mm}
+    concats = [n for n in model.graph.node if n.op_type == "Concat" and "/int8_residual/" in n.name]
+    assert len(concats) == len(splits)  # one split per distinct (input, block size), shared by its users
+    plain_model = onnx.load(str(outs["l4"] / "model.onnx"), load_external_data=False)
+    assert len(mm) == sum(n.op_type == "MatMulNBits" for n in plain_model.graph.node)
+    assert json.loads((outs["l4r"] / "cellm_config.json").read_text())["cellm_export"]["int8_residual"] is True
+
+
+def test_int8_residual_needs_level4(exports, tmp_path):
+    art, _ = exports["int4-g32"]
+    with pytest.raises(ExportError, match="int8_residual needs accuracy_level 4"):
+        export_onnx(art, tmp_path / "o", accuracy_level=1, int8_residual=True)
+    assert not (tmp_path / "o").exists()

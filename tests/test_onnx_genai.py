@@ -40,12 +40,14 @@ def engine_greedy(m, prompt: list[int], n: int, stop=(1, 106)) -> list[int]:
     return out
 
 
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=[(1, False), (4, True)], ids=["level1", "level4-int8-residual"])
+def tiny_export(tmp_path_factory, request) -> Path:
+    """Level 1, and level 4 with int8_residual (batch axis doubled around every MatMulNBits)."""
+    level, residual = request.param
     tmp = tmp_path_factory.mktemp("genai")
     ck = make_checkpoint(tmp / "ck", tiny_config(), seed=11)
     art = convert(str(ck), "int4-g32", out=tmp / "m.cellm").path
-    return export_onnx(art, tmp / "onnx", accuracy_level=1)
+    return export_onnx(art, tmp / "onnx", accuracy_level=level, int8_residual=residual)
 
 
 def test_genai_generator_matches_our_engine(tiny_export):

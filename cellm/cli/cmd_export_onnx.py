@@ -14,6 +14,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="output directory (created atomically)")
     p.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
                    help="MatMulNBits accuracy_level: 4 = int8 activations (fast CPU path, default), 1 = fp32")
+    p.add_argument("--int8-residual", action="store_true",
+                   help="level 4 only: feed each MatMulNBits an exactly-rounded int8 part of the activations plus "
+                        "the remainder: level-1 accuracy from the int8 kernels (measured on the 270M: top-1 100%% vs "
+                        "96%% plain level 4) at about 0.6x level 4's decode speed (level 1: ~0.25x)")
     p.add_argument("--context-length", type=int, default=None,
                    help="RoPE table / genai context length (default: max_position_embeddings)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
@@ -24,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from cellm.onnx_export import export_onnx
 
     out = export_onnx(args.model, args.output, accuracy_level=args.accuracy_level, force=args.force,
-                      context_length=args.context_length)
+                      context_length=args.context_length, int8_residual=args.int8_residual)
     total = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"wrote {out}/ ({total / 1e6:.1f} MB): model.onnx + model.onnx.data, genai_config.json, tokenizer files")
     return 0

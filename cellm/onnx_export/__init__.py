@@ -23,7 +23,7 @@ def load_ort_model(*args: Any, **kwargs: Any):
     return _load(*args, **kwargs)
 
 
-export_onnx.__doc__ = "export_onnx(cellm_path, out_dir, *, accuracy_level=4, force=False) -> Path (see export.py)"
+export_onnx.__doc__ = "export_onnx(cellm_path, out_dir, *, accuracy_level=4, force=False, context_length=None, int8_residual=False) -> Path (see export.py)"
 load_ort_model.__doc__ = "load_ort_model(dir, threads=None) -> CausalLM running the export with onnxruntime"
 
 __all__ = ["export_onnx", "load_ort_model"]

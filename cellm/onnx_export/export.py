@@ -97,10 +97,11 @@ def _check_supported(reader: Any) -> GemmaTextConfig:
     return cfg
 
 
-def _cellm_config(cfg: GemmaTextConfig, header: dict, accuracy_level: int, ctx: int) -> dict:
+def _cellm_config(cfg: GemmaTextConfig, header: dict, accuracy_level: int, ctx: int, int8_residual: bool) -> dict:
     d = cfg.to_hf_dict(style=5)
     d["cellm_export"] = {
         "accuracy_level": accuracy_level,
+        "int8_residual": int8_residual,
         "context_length": ctx,
         "profile": header.get("cellm_profile"),
         "source": header.get("cellm_source"),
@@ -147,10 +148,12 @@ def _save_model(model: Any, tmp: Path) -> None:
 
 
 def export_onnx(cellm_path: str | os.PathLike, out_dir: str | os.PathLike, *, accuracy_level: int = 4,
-                force: bool = False, context_length: int | None = None) -> Path:
+                force: bool = False, context_length: int | None = None, int8_residual: bool = False) -> Path:
     """Export ``cellm_path`` into the folder ``out_dir`` (created atomically); returns ``out_dir``.
 
     ``accuracy_level`` is MatMulNBits' (4 = int8 activations, the fast CPU path; 1 = float32).
+    ``int8_residual`` (level 4 only) feeds every MatMulNBits the activations as an exactly-rounded int8
+    part plus the remainder: level-1 accuracy from the int8 kernels, at a decode speed between the two.
     ``context_length`` caps the RoPE tables / genai context (default: max_position_embeddings).
     """
     from cellm.format.reader import CellmReader
@@ -159,6 +162,8 @@ def export_onnx(cellm_path: str | os.PathLike, out_dir: str | os.PathLike, *, ac
     out = Path(os.fspath(out_dir))
     if accuracy_level not in ACCURACY_LEVELS:
         raise ExportError(f"accuracy_level={accuracy_level!r} must be one of {list(ACCURACY_LEVELS)}")
+    if int8_residual and accuracy_level != 4:
+        raise ExportError(f"int8_residual needs accuracy_level 4 (got {accuracy_level}): lower levels compute in float32")
     if not src.is_file():
         raise ExportError(f"{src} does not exist or is not a file")
     if out.exists() and not out.is_dir():
@@ -177,7 +182,8 @@ def export_onnx(cellm_path: str | os.PathLike, out_dir: str | os.PathLike, *, ac
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
-            model = make_model(CellmWeightSource(reader), GraphOptions(accuracy_level=accuracy_level, context_length=ctx))
+            model = make_model(CellmWeightSource(reader), GraphOptions(accuracy_level=accuracy_level, context_length=ctx,
+                                                                      int8_residual=int8_residual))
             model.doc_string = f"cellm export of {src.name} (profile {reader.header.get('cellm_profile', '?')})"
             _save_model(model, tmp)
             del model
@@ -187,7 +193,7 @@ def export_onnx(cellm_path: str | os.PathLike, out_dir: str | os.PathLike, *, ac
             shutil.copyfile(tok, tmp / "tokenizer.json")
             _write_json(tmp / "tokenizer_config.json", make_tokenizer_config(cfg, json.loads(tok.read_text("utf-8")), ctx))
             _write_json(tmp / "genai_config.json", make_genai_config(cfg, ctx, MODEL_FILE))
-            _write_json(tmp / CONFIG_FILE, _cellm_config(cfg, reader.header, accuracy_level, ctx))
+            _write_json(tmp / CONFIG_FILE, _cellm_config(cfg, reader.header, accuracy_level, ctx, int8_residual))
             notice = src.with_name(src.stem + ".NOTICE")
             if notice.is_file():
                 shutil.copyfile(notice, tmp / "NOTICE")

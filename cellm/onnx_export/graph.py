@@ -61,6 +61,9 @@ class GraphOptions:
     context_length: int = 0  # rows of the RoPE tables (0 -> max_position_embeddings)
     lm_head_accuracy_level: int | None = None  # None -> accuracy_level
     fp32_projections: tuple[str, ...] = ()  # projections kept at accuracy_level 1, e.g. ("o_proj", "down_proj")
+    # level 4 only: every MatMulNBits gets the activations as two rows, their part on level 4's own int8
+    # grid (rounded exactly) and the remainder (rounded at ~1/254 of the error): level-1 accuracy, int8 kernels
+    int8_residual: bool = False
 
     def level(self, proj: str) -> int:
         return 1 if proj in self.fp32_projections else self.accuracy_level
@@ -73,6 +76,7 @@ class GraphBuilder:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: dict[str, TensorProto] = {}
         self._node_names: set[str] = set()
+        self.int8_splits: dict[tuple[str, int, int], str] = {}  # (input, K, block) -> make_int8_split output
 
     def node(self, op: str, name: str, inputs: list[str], n_out: int = 1, *, domain: str = "",
              outputs: list[str] | None = None, **attrs) -> list[str]:
@@ -211,12 +215,54 @@ def make_skip_norm(g: GraphBuilder, hf_name: str, x: str, skip: str, w: np.ndarr
     return outs[0], outs[3]
 
 
-def make_linear(g: GraphBuilder, node_prefix: str, weight_name: str, x: str, w: Weight, accuracy_level: int) -> str:
-    """y = x @ W^T: MatMulNBits over stored bits, or MatMul with a float (transposed, folded) weight."""
+def make_int8_split(g: GraphBuilder, p: str, x: str, k: int, block: int) -> str:
+    """Activations as [hi; lo] on the batch axis: ``hi`` on level 4's int8 grid, ``lo = x - hi``.
+
+        x [B,S,K] ─► (Pad to nb*bs) ─► Reshape [B,S,nb,bs] ─► Abs ─► ReduceMax ─► Mul 1/127 ─► Max 1e-30 ─► s
+            hi = Round(x / s) * s ;  lo = x - hi ─► Concat(hi, lo; axis 0) ─► Reshape [2B,S,nb*bs] ─► (Slice K)
+
+    Level 4 rounds each block of ``bs`` activations to int8 with the scale ``amax/127``. ``hi`` is
+    already on that grid (its amax is 127 s), so it is rounded exactly; ``lo`` (|lo| <= s/2) is rounded
+    with its own, ~254x finer scale. The MatMulNBits output rows are then added back (``make_linear``).
+    """
+    key = (x, k, block)
+    if key in g.int8_splits:  # q/k/v or gate/up stored apart: one split of their shared input
+        return g.int8_splits[key]
+    q = f"{p}/int8_residual"
+    nb = -(-k // block)
+    if nb * block != k:  # padded last block: zeros change no block maximum
+        x = g.one("Pad", f"{q}/Pad", [x, g.ints([0, 0, 0, 0, 0, nb * block - k])])
+    xb = g.one("Reshape", f"{q}/Reshape_in", [x, g.ints([0, 0, nb, block])])
+    amax = g.one("ReduceMax", f"{q}/ReduceMax", [g.one("Abs", f"{q}/Abs", [xb]), g.ints([-1])], keepdims=1)
+    s = g.one("Mul", f"{q}/Mul_scale", [amax, g.floats(float(np.float32(1.0) / np.float32(127.0)))])
+    s = g.one("Max", f"{q}/Max", [s, g.floats(1e-30)])  # an all-zero block: hi = lo = 0, no 0/0
+    hi = g.one("Mul", f"{q}/Mul_hi", [g.one("Round", f"{q}/Round", [g.one("Div", f"{q}/Div", [xb, s])]), s])
+    lo = g.one("Sub", f"{q}/Sub", [xb, hi])
+    both = g.one("Concat", f"{q}/Concat", [hi, lo], axis=0)
+    y = g.one("Reshape", f"{q}/Reshape_out", [both, g.ints([0, 0, nb * block])])
+    if nb * block != k:
+        y = g.one("Slice", f"{q}/Slice", [y, g.ints([0]), g.ints([k]), g.ints([-1])])
+    g.int8_splits[key] = y
+    return y
+
+
+def make_linear(g: GraphBuilder, node_prefix: str, weight_name: str, x: str, w: Weight, accuracy_level: int,
+                int8_residual: bool = False, output: str | None = None) -> str:
+    """y = x @ W^T: MatMulNBits over stored bits, or MatMul with a float (transposed, folded) weight.
+
+    ``int8_residual`` (level 4 only): x ─► make_int8_split ─► MatMulNBits [2B,S,N] ─► Split(axis 0) ─► Add
+    """
     if isinstance(w, NBits):
-        return g.one("MatMulNBits", f"{node_prefix}/MatMulNBits", [x] + _nbits_inputs(g, weight_name, w),
-                     domain=MS, K=w.k, N=w.n, bits=w.bits, block_size=w.block_size,
-                     accuracy_level=int(accuracy_level))
+        split = int8_residual and accuracy_level == 4
+        xin = make_int8_split(g, node_prefix, x, w.k, w.block_size) if split else x
+        y = g.node("MatMulNBits", f"{node_prefix}/MatMulNBits", [xin] + _nbits_inputs(g, weight_name, w), domain=MS,
+                   outputs=None if split or output is None else [output], K=w.k, N=w.n, bits=w.bits,
+                   block_size=w.block_size, accuracy_level=int(accuracy_level))[0]
+        if split:
+            hi, lo = g.node("Split", f"{node_prefix}/int8_residual/Split", [y], 2, axis=0, num_outputs=2)
+            y = g.node("Add", f"{node_prefix}/int8_residual/Add", [hi, lo],
+                       outputs=None if output is None else [output])[0]
+        return y
     wt = g.one("Transpose", f"{node_prefix}/Transpose", [_float_weight(g, weight_name, w)], perm=[1, 0])
     return g.one("MatMul", f"{node_prefix}/MatMul", [x, wt])
 
@@ -279,10 +325,10 @@ def make_attention(g: GraphBuilder, ws: WeightSource, i: int, x: str, mask: tupl
     parts = [ws.linear(f"{hf}.{n}_proj.weight") for n in "qkv"]
     packed = pack_rows(parts)
     if packed is not None:
-        qkv = make_linear(g, f"{p}/qkv_proj", f"{hf}.qkv_proj.weight", x, packed, lvl)
+        qkv = make_linear(g, f"{p}/qkv_proj", f"{hf}.qkv_proj.weight", x, packed, lvl, opts.int8_residual)
         q, k, v = g.node("Split", f"{p}/qkv_proj/Split", [qkv, g.ints([nh * hd, nkv * hd, nkv * hd])], 3, axis=-1)
     else:
-        q, k, v = (make_linear(g, f"{p}/{n}_proj", f"{hf}.{n}_proj.weight", x, w, lvl) for n, w in zip("qkv", parts))
+        q, k, v = (make_linear(g, f"{p}/{n}_proj", f"{hf}.{n}_proj.weight", x, w, lvl, opts.int8_residual) for n, w in zip("qkv", parts))
     q = make_qk_norm(g, f"{hf}.q_norm.weight", q, ws.vector(f"{hf}.q_norm.weight"), nh, hd, eps)
     k = make_qk_norm(g, f"{hf}.k_norm.weight", k, ws.vector(f"{hf}.k_norm.weight"), nkv, hd, eps)
     window = int(cfg.sliding_window) if cfg.is_sliding(i) else -1
@@ -292,7 +338,7 @@ def make_attention(g: GraphBuilder, ws: WeightSource, i: int, x: str, mask: tupl
            num_heads=nh, kv_num_heads=nkv, scale=float(cfg.attn_scale), local_window_size=window,
            do_rotary=1, rotary_interleaved=0, softcap=float(cfg.attn_logit_softcapping or 0.0))
     return make_linear(g, f"{p}/o_proj", f"{hf}.o_proj.weight", outs[0], ws.linear(f"{hf}.o_proj.weight"),
-                       opts.level("o_proj"))
+                       opts.level("o_proj"), opts.int8_residual)
 
 
 def make_mlp(g: GraphBuilder, ws: WeightSource, i: int, x: str, opts: GraphOptions) -> str:
@@ -308,16 +354,16 @@ def make_mlp(g: GraphBuilder, ws: WeightSource, i: int, x: str, opts: GraphOptio
     gate_w, up_w = ws.linear(f"{hf}.gate_proj.weight"), ws.linear(f"{hf}.up_proj.weight")
     packed = pack_rows([gate_w, up_w])
     if packed is not None:
-        gu = make_linear(g, f"{p}/gate_up_proj", f"{hf}.gate_up_proj.weight", x, packed, lvl)
+        gu = make_linear(g, f"{p}/gate_up_proj", f"{hf}.gate_up_proj.weight", x, packed, lvl, opts.int8_residual)
         n = ws.config.intermediate_size
         gate, up = g.node("Split", f"{p}/gate_up_proj/Split", [gu, g.ints([n, n])], 2, axis=-1)
     else:
-        gate = make_linear(g, f"{p}/gate_proj", f"{hf}.gate_proj.weight", x, gate_w, lvl)
-        up = make_linear(g, f"{p}/up_proj", f"{hf}.up_proj.weight", x, up_w, lvl)
+        gate = make_linear(g, f"{p}/gate_proj", f"{hf}.gate_proj.weight", x, gate_w, lvl, opts.int8_residual)
+        up = make_linear(g, f"{p}/up_proj", f"{hf}.up_proj.weight", x, up_w, lvl, opts.int8_residual)
     act = g.one("Gelu", f"{p}/act_fn/Gelu", [gate], approximate="tanh")
     m = g.one("Mul", f"{p}/Mul", [act, up])
     return make_linear(g, f"{p}/down_proj", f"{hf}.down_proj.weight", m, ws.linear(f"{hf}.down_proj.weight"),
-                       opts.level("down_proj"))
+                       opts.level("down_proj"), opts.int8_residual)
 
 
 def make_layer(g: GraphBuilder, ws: WeightSource, i: int, residual: str, normed: str,
@@ -345,16 +391,15 @@ def make_layer(g: GraphBuilder, ws: WeightSource, i: int, residual: str, normed:
     return h, m
 
 
-def make_lm_head(g: GraphBuilder, x: str, w: Weight, vocab: int, accuracy_level: int) -> str:
+def make_lm_head(g: GraphBuilder, x: str, w: Weight, vocab: int, accuracy_level: int,
+                 int8_residual: bool = False) -> str:
     """Tied LM head: logits = x @ E^T.
 
     quantized: MatMulNBits over the embedding's own initializers (shared with GatherBlockQuantized)
     float:     Reshape [B*S, H] ─► Gemm(E, transB=1) ─► Reshape [B, S, V]  (no transposed copy of E)
     """
     if isinstance(w, NBits):
-        return g.one("MatMulNBits", "/lm_head/MatMulNBits", [x] + _nbits_inputs(g, "model.embed_tokens", w),
-                     domain=MS, K=w.k, N=w.n, bits=w.bits, block_size=w.block_size,
-                     accuracy_level=int(accuracy_level), outputs=["logits"])
+        return make_linear(g, "/lm_head", "model.embed_tokens", x, w, accuracy_level, int8_residual, output="logits")
     table = _float_weight(g, "model.embed_tokens.weight", w)
     x2 = g.one("Reshape", "/lm_head/Reshape_in", [x, g.ints([-1, w.shape[1]])])
     y = g.one("Gemm", "/lm_head/Gemm", [x2, table], transB=1)
@@ -400,7 +445,7 @@ def make_model(ws: WeightSource, opts: GraphOptions = GraphOptions()) -> onnx.Mo
         n = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < cfg.num_hidden_layers else "model.norm.weight"
         x, h = make_skip_norm(g, n, h, m, ws.vector(n), eps)
     lm_lvl = opts.accuracy_level if opts.lm_head_accuracy_level is None else opts.lm_head_accuracy_level
-    make_lm_head(g, x, emb, cfg.vocab_size, lm_lvl)
+    make_lm_head(g, x, emb, cfg.vocab_size, lm_lvl, opts.int8_residual)
     ins, outs = make_io(cfg)
     graph = helper.make_graph(g.nodes, "cellm-gemma3", ins, outs, list(g.initializers.values()))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
