@@ -8,7 +8,9 @@ the builder's ``-p int4 -e cpu`` export of the same checkpoint, in ONE run:
 * prefill time and decode tokens/s with 2 intra-op threads, measured with the SAME harness for all
   (onnxruntime-genai Model/Generator, greedy, max_length 1024 — the builder's windowed cache needs
   >= 512 — one model loaded at a time, models interleaved; decode tokens/s = 1 / median step time,
-  best of ``--reps``: robust on a shared, loaded machine), plus our own engine's decode tokens/s,
+  best of ``--reps``: robust on a shared, loaded machine), plus our own engine's decode tokens/s;
+  "vs builder" is the median over reps of the PAIRED ratio (this export's decode tok/s / the builder's
+  in the same rep, measured seconds apart), with its min-max range: machine drift cancels in the pair,
 * mean next-token KL / top-1 agreement / perplexity ratio against the unquantized float32 model on
   the eval corpus (``corpus_kl``: cellm.eval's windows and metrics, the first ``--kl-windows``
   windows, reference statistics from the eval cache; every candidate is run through
@@ -18,7 +20,7 @@ The builder needs help on transformers-5 configs: it gets a copy of the checkpoi
 config.json uses the flat transformers-4 keys, and runs under a shim that re-flattens what
 transformers 5's AutoConfig turns back into ``rope_parameters`` (see ``BUILDER_SHIM``).
 
-    python bench/onnx_decode.py [--work DIR] [--profiles int8-v1,mixed-int4,int4-g32] [--reps 3]
+    python bench/onnx_decode.py [--work DIR] [--profiles int8-v1,mixed-int4,int4-g32,int4-g32+r] [--reps 3]
 """
 
 from __future__ import annotations
@@ -61,19 +63,35 @@ def model_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.iterdir() if f.name.startswith("model.onnx"))
 
 
-def build_ours(ckpt: Path, work: Path, profile: str) -> Path:
+def parse_spec(spec: str) -> tuple[str, int, bool]:
+    """``PROFILE`` (level 4), ``PROFILE+r`` (level 4 + int8_residual) or ``PROFILE@1`` (level 1)."""
+    if spec.endswith("+r"):
+        return spec[:-2], 4, True
+    if spec.endswith("@1"):
+        return spec[:-2], 1, False
+    return spec, 4, False
+
+
+def spec_label(spec: str) -> str:
+    profile, level, residual = parse_spec(spec)
+    tag = Path(profile).stem if profile.endswith(".toml") else profile
+    return tag + (" +int8-residual" if residual else " (level 1)" if level == 1 else "")
+
+
+def build_ours(ckpt: Path, work: Path, spec: str) -> Path:
     from cellm.convert import convert
     from cellm.onnx_export import export_onnx
 
+    profile, level, residual = parse_spec(spec)
     tag = Path(profile).stem if profile.endswith(".toml") else profile  # a shipped name or a profile TOML path
     art = work / f"g270-{tag}.cellm"
-    out = work / f"g270-{tag}-onnx"
+    out = work / f"g270-{tag}{'-r' if residual else '-l1' if level == 1 else ''}-onnx"
     if not art.exists():
         log(f"convert {profile}")
         convert(str(ckpt), profile, out=art)
     if not (out / "model.onnx").exists():
-        log(f"export {profile}")
-        export_onnx(art, out, accuracy_level=4, force=True)
+        log(f"export {spec}")
+        export_onnx(art, out, accuracy_level=level, int8_residual=residual, force=True)
     return out
 
 
@@ -197,12 +215,20 @@ def corpus_kl(cand, ckpt: Path, tok, n_windows: int, threads: int) -> dict:
             "ppl_ratio": float(math.exp(nll_c.mean() - nll_r.mean())), "tokens": n}
 
 
+def _ratio_cell(r: dict) -> str:
+    if "ratio" not in r:
+        return "–"
+    lo, hi = r["ratio_range"]
+    return f"{r['ratio']:.2f}× [{lo:.2f}-{hi:.2f}]"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", default=None, help="HF-layout checkpoint dir (default: the embedded 270M)")
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "cellm" / "bench" / "onnx"))
     ap.add_argument("--profiles", default="int8-v1,mixed-int4,mixed-int4-gemma3,int4-g32,int4-g32-gptq-sym,int4-g64-gptq-sym",
-                    help="comma-separated shipped profile names or profile TOML paths")
+                    help="comma-separated shipped profile names or profile TOML paths; suffix +r = export with "
+                         "--int8-residual, @1 = accuracy level 1 (default: level 4)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
@@ -228,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = GemmaTextConfig.from_hf(json.loads((ckpt / "config.json").read_text()))
     rows: dict[str, dict] = {}
     for prof in [p for p in args.profiles.split(",") if p]:
-        rows[f"cellm {Path(prof).stem if prof.endswith('.toml') else prof}"] = {"dir": build_ours(ckpt, work, prof), "ours": True}
+        rows[f"cellm {spec_label(prof)}"] = {"dir": build_ours(ckpt, work, prof), "ours": True}
     if not args.no_builder:
         rows["builder int4 (-p int4 -e cpu)"] = {"dir": build_builder(ckpt, work), "ours": False}
     for r in rows.values():
@@ -239,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     prompt = tok.encode("The capital of France is", add_bos=True)
     log(f"speed: {len(prompt)}-token prompt, {args.decode_tokens} decode tokens, {args.reps} interleaved reps")
     for rep in range(args.reps):  # one model in memory at a time (the f16-embedding exports are large)
-        for k, r in rows.items():
+        order = list(rows.items())
+        for k, r in (order if rep % 2 == 0 else order[::-1]):  # alternate the order: no position bias
             model = og.Model(str(r["dir"]))
             genai_speed(model, prompt, 4)  # warm-up
             pf, tps = genai_speed(model, prompt, args.decode_tokens)
@@ -263,24 +290,26 @@ def main(argv: list[str] | None = None) -> int:
     result = {}
     for k, r in rows.items():
         dec = max(r["decode"])
-        rel = dec / max(base["decode"]) if base else float("nan")
+        if base:  # paired per-rep ratios: each rep runs every model back to back
+            ratios = [a / b for a, b in zip(r["decode"], base["decode"])]
+            r["ratio"], r["ratio_range"] = float(np.median(ratios)), (min(ratios), max(ratios))
         eng = f"{max(r['engine']):.1f}" if "engine" in r else "–"
         kl = f"{r['kl']:.4f}" if "kl" in r else "–"
         t1 = f"{r['top1']:.3f}" if "top1" in r else "–"
         pr = f"{r['ppl_ratio']:.3f}" if "ppl_ratio" in r else "–"
-        lines.append(f"| {k} | {r['bytes'] / 1e6:.1f} | {1000 * min(r['prefill']):.1f} | {dec:.1f} | {rel:.2f}× | {eng} "
+        lines.append(f"| {k} | {r['bytes'] / 1e6:.1f} | {1000 * min(r['prefill']):.1f} | {dec:.1f} | {_ratio_cell(r)} | {eng} "
                      f"| {kl} | {t1} | {pr} |")
         result[k] = {x: (str(v) if isinstance(v, Path) else v) for x, v in r.items()}
     if base and "kl" in base:
         dom = [k for k, r in rows.items() if r["ours"] and r["bytes"] <= base["bytes"]
-               and max(r["decode"]) >= max(base["decode"]) and r.get("kl", 9e9) < base["kl"]]
+               and r["ratio"] >= 1.0 and r.get("kl", 9e9) < base["kl"]]
         target = [k for k, r in rows.items() if r["ours"] and r.get("kl", 9e9) <= 0.05
-                  and max(r["decode"]) >= 1.2 * max(base["decode"])]
+                  and r["ratio"] >= 1.2]
         lines.append("")
-        lines.append(f"dominates the builder (bytes <=, decode >= 1.0x, KL <): {', '.join(dom) or 'none'}")
-        lines.append(f"target (KL <= 0.05 and decode >= 1.2x): {', '.join(target) or 'none'}")
+        lines.append(f"dominates the builder (bytes <=, median paired decode ratio >= 1.0x, KL <): {', '.join(dom) or 'none'}")
+        lines.append(f"target (KL <= 0.05 and median paired decode ratio >= 1.2x): {', '.join(target) or 'none'}")
     lines.append(f"\nthreads={args.threads}, load average at end: {os.getloadavg()[0]:.1f} "
-                 f"(best of {args.reps} interleaved reps; KL over {rows[next(iter(rows))].get('tokens', '?')} tokens)")
+                 f"(decode: best of {args.reps} interleaved reps, ratio: median of paired per-rep ratios [min-max]; KL over {rows[next(iter(rows))].get('tokens', '?')} tokens)")
     table = "\n".join(lines)
     print(table)
     (work / "onnx_decode.md").write_text(table + "\n")
