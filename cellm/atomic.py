@@ -27,3 +27,16 @@ def atomic_write(path: str | os.PathLike, fill: Callable[[IO[Any]], None], *, bi
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2, default: Callable[[Any], Any] | None = None,
+               newline: bool = False) -> Path:
+    """Write ``obj`` as JSON (sorted keys) atomically; ``newline`` ends the file with one."""
+    import json
+
+    def fill(f: IO[Any]) -> None:
+        json.dump(obj, f, indent=indent, sort_keys=True, default=default)
+        if newline:
+            f.write("\n")
+
+    return atomic_write(path, fill, binary=False)

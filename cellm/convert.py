@@ -160,6 +160,15 @@ def _process(source, entry, rows: slice | None, calibration: Any = None) -> dict
         raise QuantizationError(f"tensor {entry.name}{where}: {exc}") from exc
 
 
+def quantize_items(source, plan: Plan, calibration: Any = None) -> Iterator[tuple[Any, slice | None, dict[str, np.ndarray]]]:
+    """Quantize ``plan``'s tensors one work item at a time, in :func:`convert`'s order and row chunks:
+    yields ``(entry, rows, parts)``; ``parts`` maps a name suffix ('' = the tensor, '.qscale', …) to
+    the chunk's array. Sequential (what a pipeline shard task runs); :func:`convert` overlaps the same
+    items on a pool."""
+    for entry, rows in _work_items(source, plan):
+        yield entry, rows, _process(source, entry, rows, calibration)
+
+
 def _quantize_in_order(source, plan: Plan, pool: cf.Executor, threads: int, calibration: Any):
     """Start quantizing the work items on ``pool`` now (at most ``threads + 1`` in flight, so memory
     stays a few chunks); returns ``(results, cancel)``: ``results`` yields ``(entry, rows, parts)``

@@ -97,14 +97,10 @@ def key_dir(work_dir: str | os.PathLike, source_name: str, key: str) -> Path:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write JSON through :func:`cellm.atomic.atomic_write` (temp file + fsync + rename)."""
-    from cellm.atomic import atomic_write
+    """Write JSON atomically (temp file + fsync + rename; see :func:`cellm.atomic.write_json`)."""
+    from cellm.atomic import write_json
 
-    def fill(f) -> None:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-
-    return atomic_write(path, fill, binary=False)
+    return write_json(path, obj, indent=2, default=str, newline=True)
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -307,18 +303,26 @@ def convert_key(source_hash: str, profile_hash: str, version: str | None = None)
     return step_key("convert", source_hash, profile_hash, version or package_version())
 
 
+@contextlib.contextmanager
+def _convert_slot(spec: str, revision: str | None, work_dir: str | os.PathLike, source_hash: str,
+                  profile_hash: str) -> Iterator[tuple[Any, str, Path, list[str], dict | None]]:
+    """The convert key directory, locked, stale temp files removed: ``(source, key, dir, cleaned,
+    finished record or None)`` — shared by :func:`convert_step` and :func:`assemble_shards`."""
+    ck = open_checked(spec, revision, source_hash)
+    key = convert_key(source_hash, profile_hash)
+    d = key_dir(work_dir, ck.name, key)
+    with key_lock(d):
+        cleaned = [str(p) for p in clean_stale_temp(d)]
+        yield ck, key, d, cleaned, load_record(d, "convert")
+
+
 def convert_step(spec: str, revision: str | None, profile: str, work_dir: str | os.PathLike, *,
                  source_hash: str, profile_hash: str, threads: int = 2) -> dict[str, Any]:
     """Convert into ``<work>/<source>/<key>/``; reuse a finished, sha256-verified output of the same
     key (no work), after removing temp files a killed run left there."""
     from cellm.convert import convert
 
-    ck = open_checked(spec, revision, source_hash)
-    key = convert_key(source_hash, profile_hash)
-    d = key_dir(work_dir, ck.name, key)
-    with key_lock(d):
-        cleaned = [str(p) for p in clean_stale_temp(d)]
-        rec = load_record(d, "convert")
+    with _convert_slot(spec, revision, work_dir, source_hash, profile_hash) as (ck, key, d, cleaned, rec):
         if rec is not None:
             return {**rec, "reused": True, "cleaned": cleaned}
         t0 = time.perf_counter()
@@ -584,8 +588,8 @@ def quantize_shard(spec: str, revision: str | None, profile: str, names: list[st
         return {"path": str(out), "sha256": file_sha256(out), "tensors": len(want), "reused": True}
     sub = dataclasses_replace_entries(plan, [e for e in plan.entries if e.name in want])
     parts: dict[str, list] = {}
-    for entry, rows in cv._work_items(ck, sub):
-        for suf, arr in cv._process(ck, entry, rows).items():
+    for entry, _rows, chunk in cv.quantize_items(ck, sub):
+        for suf, arr in chunk.items():
             parts.setdefault(entry.name + suf, []).append(arr)
     arrays = {k: (v[0] if len(v) == 1 else np.concatenate(v, axis=0)) for k, v in parts.items()}
     from cellm.atomic import atomic_write
@@ -614,15 +618,10 @@ def assemble_shards(spec: str, revision: str | None, profile: str, shard_files: 
 
     from cellm import convert as cv
 
-    ck = open_checked(spec, revision, source_hash)
-    prof, plan = _plan_of(ck, profile)
-    key = convert_key(source_hash, profile_hash)
-    d = key_dir(work_dir, ck.name, key)
-    with key_lock(d):
-        cleaned = [str(p) for p in clean_stale_temp(d)]
-        rec = load_record(d, "convert")
+    with _convert_slot(spec, revision, work_dir, source_hash, profile_hash) as (ck, key, d, cleaned, rec):
         if rec is not None:
             return {**rec, "reused": True, "cleaned": cleaned}
+        prof, plan = _plan_of(ck, profile)
         t0 = time.perf_counter()
         loaded = [np.load(f, allow_pickle=False) for f in shard_files]
         where = {}

@@ -115,17 +115,13 @@ class Sensitivity:
         return cls(**d)
 
     def save(self, path: Path) -> None:
-        write_json_atomic(path, self.to_json())
+        from cellm.atomic import write_json
+
+        write_json(path, self.to_json(), indent=1)
 
     @classmethod
     def load(cls, path: Path) -> "Sensitivity":
         return cls.from_json(json.loads(Path(path).read_text()))
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    from cellm.atomic import atomic_write
-
-    atomic_write(path, lambda f: json.dump(obj, f, indent=1, sort_keys=True), binary=False)
 
 
 def scheme_bytes(name: str, shape: tuple[int, ...], scheme: str) -> int:
