@@ -11,7 +11,8 @@ from cellm.names import expected_tensors
 from cellm.profile import list_profiles, load_profile, parse_profile
 from cellm.synthetic import gemma3_270m_config, tiny_config
 
-SHIPPED = ["f16", "int4-v1", "int8-v1", "mixed-int4", "mixed-int4-v1"]
+SHIPPED = ["f16", "int4-v1", "int8-v1", "mixed-int4", "mixed-int4-v1",
+           "int4-g32-gptq-sym", "int4-g64-gptq-sym", "int4-g128-gptq-sym"]
 
 
 def _is_layer(name: str) -> bool:
@@ -37,6 +38,10 @@ def expected_recipe(profile: str, shapes: dict) -> dict[str, str]:
             (_is_layer(name) and (attn or mlp)) or "embed_tokens" in name
         ):
             s = "i4"
+        elif profile.endswith("-gptq-sym") and two_d_weight and (
+            (_is_layer(name) and (attn or mlp)) or "embed_tokens" in name
+        ):
+            s = f"q4g{profile.split('-')[1][1:]}-gptq-sym"  # int4-g64-gptq-sym -> q4g64-gptq-sym
         out[name] = s
     return out
 
