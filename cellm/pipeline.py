@@ -353,8 +353,10 @@ def validate_step(cellm_path: str, spec: str | None = None, revision: str | None
     return d
 
 
-def export_step(cellm_path: str, directory: str | os.PathLike, *, accuracy_level: int = 4) -> dict[str, Any]:
-    """ONNX export into ``<dir>/onnx`` (reused when its record's file hashes still verify)."""
+def export_step(cellm_path: str, directory: str | os.PathLike, *, accuracy_level: int = 4,
+                int8_residual: bool = False) -> dict[str, Any]:
+    """ONNX export into ``<dir>/onnx`` (reused when its record has the same artifact and settings and
+    its files are all there with their recorded sizes)."""
     from cellm.onnx_export import export_onnx
 
     d = Path(directory)
@@ -362,15 +364,17 @@ def export_step(cellm_path: str, directory: str | os.PathLike, *, accuracy_level
     with key_lock(d):
         clean_stale_temp(d)
         rec = load_record(d, "onnx", verify=())
-        if rec is not None and rec.get("cellm_sha256") == file_sha256(cellm_path) and all(
-            (out / f).is_file() and (out / f).stat().st_size == n for f, n in rec.get("files", {}).items()
-        ):
+        if (rec is not None and rec.get("cellm_sha256") == file_sha256(cellm_path)
+                and rec.get("accuracy_level") == accuracy_level
+                and bool(rec.get("int8_residual", False)) == int8_residual
+                and all((out / f).is_file() and (out / f).stat().st_size == n for f, n in rec.get("files", {}).items())):
             return {**rec, "reused": True}
         t0 = time.perf_counter()
-        export_onnx(cellm_path, out, accuracy_level=accuracy_level, force=True)
+        export_onnx(cellm_path, out, accuracy_level=accuracy_level, int8_residual=int8_residual, force=True)
         files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
         rec = {"dir": str(out), "files": files, "cellm_sha256": file_sha256(cellm_path),
-               "accuracy_level": accuracy_level, "seconds": time.perf_counter() - t0}
+               "accuracy_level": accuracy_level, "int8_residual": int8_residual,
+               "seconds": time.perf_counter() - t0}
         write_record(d, "onnx", rec)
     return {**rec, "reused": False}
 

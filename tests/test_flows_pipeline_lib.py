@@ -159,3 +159,21 @@ def test_collect_runs_keeps_latest_per_profile(tmp_path):
     got = pl.collect_runs(tmp_path, "src")
     assert [(r["profile"], r["n"]) for r in got] == [("int4-v1", 3), ("int8-v1", 2)]
     assert json.loads((tmp_path / "src" / "runs" / "b.json").read_text())["n"] == 2
+
+
+def test_export_step_reuses_only_the_same_settings(tiny_ckpt, tmp_path):
+    from cellm.convert import convert
+
+    art = str(convert(str(tiny_ckpt), "int4-g32", out=tmp_path / "m.cellm").path)
+    d = tmp_path / "key"
+    first = pl.export_step(art, d)
+    assert not first["reused"] and first["accuracy_level"] == 4 and first["int8_residual"] is False
+    assert pl.export_step(art, d)["reused"]
+    l1 = pl.export_step(art, d, accuracy_level=1)  # another setting: exported again, not the level-4 files
+    assert not l1["reused"] and l1["accuracy_level"] == 1
+    cfg = json.loads((d / "onnx" / "cellm_config.json").read_text())["cellm_export"]
+    assert cfg["accuracy_level"] == 1
+    res = pl.export_step(art, d, int8_residual=True)
+    assert not res["reused"] and res["int8_residual"] is True
+    assert json.loads((d / "onnx" / "cellm_config.json").read_text())["cellm_export"]["int8_residual"] is True
+    assert pl.export_step(art, d, int8_residual=True)["reused"]
