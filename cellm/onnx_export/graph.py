@@ -328,7 +328,8 @@ def make_attention(g: GraphBuilder, ws: WeightSource, i: int, x: str, mask: tupl
         qkv = make_linear(g, f"{p}/qkv_proj", f"{hf}.qkv_proj.weight", x, packed, lvl, opts.int8_residual)
         q, k, v = g.node("Split", f"{p}/qkv_proj/Split", [qkv, g.ints([nh * hd, nkv * hd, nkv * hd])], 3, axis=-1)
     else:
-        q, k, v = (make_linear(g, f"{p}/{n}_proj", f"{hf}.{n}_proj.weight", x, w, lvl, opts.int8_residual) for n, w in zip("qkv", parts))
+        q, k, v = (make_linear(g, f"{p}/{n}_proj", f"{hf}.{n}_proj.weight", x, w, lvl, opts.int8_residual)
+                   for n, w in zip("qkv", parts))
     q = make_qk_norm(g, f"{hf}.q_norm.weight", q, ws.vector(f"{hf}.q_norm.weight"), nh, hd, eps)
     k = make_qk_norm(g, f"{hf}.k_norm.weight", k, ws.vector(f"{hf}.k_norm.weight"), nkv, hd, eps)
     window = int(cfg.sliding_window) if cfg.is_sliding(i) else -1
