@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--int8-residual", action="store_true",
                    help="level 4 only: feed each MatMulNBits an exactly-rounded int8 part of the activations plus "
                         "the remainder: level-1 accuracy from the int8 kernels (measured on the 270M: top-1 100%% vs "
-                        "96%% plain level 4) at 0.6-0.7x level 4's decode speed (level 1: ~0.25x)")
+                        "96%% plain level 4) at 0.6-0.7x level 4's decode speed (level 1: ~0.3x)")
     p.add_argument("--context-length", type=int, default=None,
                    help="RoPE table / genai context length (default: max_position_embeddings)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
