@@ -391,9 +391,7 @@ def evaluate_step(cellm_path: str, spec: str, revision: str | None, directory: s
     from cellm.eval import evaluate
 
     settings, key, d, step = _eval_slot(cellm_sha256, source_hash, settings, directory)
-    with key_lock(d):
-        clean_stale_temp(d)
-        rec = load_record(d, step, verify=("report",))
+    with _finished_eval(d, step) as rec:
         if rec is not None:
             return {**rec, "reused": True}
         t0 = time.perf_counter()
@@ -409,6 +407,14 @@ def _eval_slot(cellm_sha256: str, source_hash: str, settings: dict[str, Any] | N
     settings = dict(settings or {})
     key = eval_key(cellm_sha256, source_hash, settings)
     return settings, key, Path(directory), f"eval-{key}"
+
+
+@contextlib.contextmanager
+def _finished_eval(d: Path, step: str) -> Iterator[dict[str, Any] | None]:
+    """Under the key lock, stale temp files removed: the evaluation's verified record, or None."""
+    with key_lock(d):
+        clean_stale_temp(d)
+        yield load_record(d, step, verify=("report",))
 
 
 def _write_eval_record(d: Path, step: str, key: str, rep: Any, settings: dict[str, Any],
@@ -437,9 +443,7 @@ def eval_plan_step(cellm_path: str, spec: str, revision: str | None, directory: 
     from cellm.eval.shards import plan_eval_shards
 
     settings, key, d, step = _eval_slot(cellm_sha256, source_hash, settings, directory)
-    with key_lock(d):
-        clean_stale_temp(d)
-        rec = load_record(d, step, verify=("report",))
+    with _finished_eval(d, step) as rec:
         if rec is not None:
             return {**rec, "reused": True}
     t0 = time.perf_counter()

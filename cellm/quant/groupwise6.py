@@ -39,10 +39,10 @@ import dataclasses
 import numpy as np
 
 from cellm.errors import QuantizationError
-from cellm.format.constants import SCALE_SUFFIX, ZERO_SUFFIX, TensorSpec
+from cellm.format.constants import SCALE_SUFFIX, ZERO_SUFFIX
 from cellm.quant.bitpack import pack_sextets, unpack_sextets
 from cellm.quant.common import as_f32_2d, f16_scales, raise_nonfinite, row_chunks
-from cellm.quant.groupwise import check_block, groupwise_specs, n_blocks
+from cellm.quant.groupwise import GroupwiseScheme, check_block, n_blocks
 
 QMAX = 63
 SYM_ZERO = 32
@@ -120,16 +120,9 @@ def dequantize_q6(parts: dict[str, np.ndarray], shape: tuple[int, ...], block: i
 
 
 @dataclasses.dataclass(frozen=True)
-class Groupwise6Scheme:
-    """``q6gB`` (asymmetric, ``.qzero`` u8) or ``q6gB-sym`` (no ``.qzero``), RTN."""
-
-    name: str
-    dtype: str
-    block: int
-    symmetric: bool
-
-    def specs(self, tensor_name: str, shape: tuple[int, ...]) -> list[TensorSpec]:
-        return groupwise_specs(self.name, self.dtype, self.block, self.symmetric, tensor_name, shape)
+class Groupwise6Scheme(GroupwiseScheme):
+    """``q6gB`` (asymmetric, ``.qzero`` u8) or ``q6gB-sym`` (no ``.qzero``), RTN. The fields and the
+    storage specs are :class:`GroupwiseScheme`'s; the codes, their packing and the error bound differ."""
 
     def quantize(self, w: np.ndarray) -> dict[str, np.ndarray]:
         return quantize_q6(w, self.block, self.symmetric, scheme=self.name)
